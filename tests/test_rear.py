@@ -150,3 +150,11 @@ def test_init_follows_adaln_zero():
     assert torch.count_nonzero(model.cls_token) == 0
     assert 0.015 < model.pos_embed.std().item() < 0.025
     assert 0.015 < model.lm_head.weight.std().item() < 0.025
+
+
+@pytest.mark.parametrize("overrides, width", [([], 16), (["model.generator.z_dim=8"], 8), (["model.vq_model.token_size=12"], 12)])
+def test_alignment_width_follows_tokenizer_unless_set(overrides, width):
+    model = ReAR(load_config(str(CONFIGS / "rear_tiny.yaml"), overrides))
+    assert model.encode_align_mlp[4].out_features == width
+    assert model.decode_align_mlp[4].out_features == width
+    assert model.encode_align_mlp[0].out_features == 128  # projection_dim
