@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from conftest import FIXTURES, prefixed
 from modeling.tokenizers import build_tokenizer
-from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN, load_maskgit_vqgan
+from modeling.tokenizers.maskgit_vqgan import RELEASED_CONFIG, MaskGITVQGAN, config_from_state_dict, load_maskgit_vqgan
 from utils.config import validate
 
 
@@ -121,3 +121,15 @@ def test_factory_loads_tokenizer_checkpoint(tmp_path):
     tokenizer = build_tokenizer(config)
     assert isinstance(tokenizer, MaskGITVQGAN)
     assert torch.equal(tokenizer.quantize.embedding.weight, state["quantize.embedding.weight"])
+
+
+def test_from_pretrained_reads_architecture_from_weights(tiny, golden, tmp_path):
+    meta, tensors = golden
+    assert config_from_state_dict(MaskGITVQGAN().state_dict()) == {
+        k: v for k, v in RELEASED_CONFIG.items() if k not in ("resolution", "dropout")
+    }
+    path = tmp_path / "tiny.safetensors"
+    save_file(tiny.state_dict(), str(path))
+    loaded = MaskGITVQGAN.from_pretrained(str(path))  # no config: the golden tiny sizes come from the shapes
+    assert (loaded.codebook_size, loaded.token_size, loaded.downsample_factor) == (32, 16, 4)
+    assert torch.equal(loaded.encode(tensors["vqgan_input.images"]), tensors["vqgan_expected.tokens"])

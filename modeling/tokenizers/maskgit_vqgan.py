@@ -202,6 +202,29 @@ class VectorQuantizer(nn.Module):
         return distances.argmin(dim=1)
 
 
+def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Optional[dict]:
+    """The architecture a MaskGIT-VQGAN state dict was saved from (RELEASED_CONFIG's keys but `resolution` and
+    `dropout`, which the weights do not record), or None if it is not one (loading then lists the misfits)."""
+    names = ("encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "quantize.embedding.weight")
+    if not all(name in state_dict for name in names):
+        return None
+    hidden, num_channels = state_dict["encoder.conv_in.weight"].shape[:2]
+    levels = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down."))
+    blocks = 1 + max(int(k.split(".")[4]) for k in state_dict if k.startswith("encoder.down.0.block."))
+    mult = [state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // hidden for i in range(levels)]
+    codebook_size, token_size = state_dict["quantize.embedding.weight"].shape
+    return {
+        "channel_mult": mult,
+        "num_resolutions": levels,
+        "hidden_channels": hidden,
+        "num_channels": num_channels,
+        "num_res_blocks": blocks,
+        "z_channels": token_size,
+        "codebook_size": codebook_size,
+        "token_size": token_size,
+    }
+
+
 class MaskGITVQGAN(nn.Module):
     """The frozen tokenizer: `encode` images to tokens, `decode_tokens` back, `get_quantized_states` for alignment."""
 
@@ -220,8 +243,13 @@ class MaskGITVQGAN(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, config: Optional[Mapping[str, Any]] = None) -> "MaskGITVQGAN":
-        """Load weights (the released `.bin` state dict, or a `.safetensors` file) with strict key checking."""
+        """Load weights (the released `.bin` state dict, or a `.safetensors` file) with strict key checking.
+
+        Without `config` the architecture is read off the weights' shapes (the released file gives the
+        released architecture), so that a smaller tokenizer loads through the same path."""
         state_dict = load_state_dict_file(path)  # first, so that a missing file fails before building the model
+        if config is None:
+            config = config_from_state_dict(state_dict)
         return load_checked(cls(config), state_dict, what=f"MaskGIT-VQGAN weights {path}")
 
     @property
