@@ -1,6 +1,7 @@
 """Tiny random weights for sampling and demo tests: the rear_tiny generator (16 tokens, codebook 32 x 16) and a
 MaskGIT-VQGAN that turns 4x4 = 16 such tokens into 16x16 images."""
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -28,12 +29,28 @@ def write_tiny_weights(folder: Path) -> tuple[str, str]:
     """(generator, tokenizer) `.safetensors` paths in `folder`, fixed by seed 0."""
     torch.manual_seed(0)
     generator = ReAR(load_config(str(TINY_CONFIG)))
-    # adaLN-Zero starts every block as the identity (and the class would not matter): give the gates weights.
-    for name, param in generator.named_parameters():
-        if "adaLN_modulation" in name:
-            torch.nn.init.normal_(param, std=0.05)
+    # At init adaLN-Zero makes every block the identity and the logits are nearly flat, so the class would not
+    # change the samples: give the modulations weights, the embeddings spread and the head sharper logits.
+    with torch.no_grad():
+        for name, param in generator.named_parameters():
+            if "adaLN_modulation" in name:
+                torch.nn.init.normal_(param, std=0.1)
+        torch.nn.init.normal_(generator.embeddings.weight, std=0.5)
+        generator.lm_head.weight.mul_(10.0)
     tokenizer = MaskGITVQGAN(TINY_VQGAN)
     paths = str(folder / "tiny_generator.safetensors"), str(folder / "tiny_vqgan.safetensors")
     save_file(generator.state_dict(), paths[0])
     save_file(tokenizer.state_dict(), paths[1])
     return paths
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread: the same float sums as a torchrun worker (OMP_NUM_THREADS=1), and no oversubscription
+    of a small, shared CPU (tiny ops on two busy threads run ten times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,153 @@
+"""scripts/sample_imagenet_rear.py end to end with tiny random weights: one process, torchrun with two (gloo),
+a run killed midway and resumed. The .npz bytes must not depend on any of that."""
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from modeling.rear import ReAR
+from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN
+from tiny_models import ROOT, TINY_CONFIG, one_thread, write_tiny_weights
+from utils.config import load_config
+from utils.sampling import batch_seed
+
+SCRIPT = ROOT / "scripts" / "sample_imagenet_rear.py"
+NUM_SAMPLES, BATCH, SEED = 40, 3, 7  # 10 classes x 4; 14 batches, the last of one image
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count everywhere: same float sums, same bytes
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("sample_imagenet_rear", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return write_tiny_weights(tmp_path_factory.mktemp("weights"))
+
+
+def arguments(weights, output_dir):
+    return [
+        f"config={TINY_CONFIG}",
+        f"experiment.generator_checkpoint={weights[0]}",
+        f"experiment.tokenizer_checkpoint={weights[1]}",
+        f"experiment.output_dir={output_dir}",
+        f"sampling.num_samples={NUM_SAMPLES}",
+        f"sampling.per_proc_batch_size={BATCH}",
+        f"sampling.seed={SEED}",
+    ]
+
+
+def run_in_process(weights, output_dir):
+    with one_thread():
+        load_script().main(arguments(weights, output_dir))
+
+
+@pytest.fixture(scope="module")
+def reference(weights, tmp_path_factory):
+    """The .npz bytes of an uninterrupted one-process run."""
+    output_dir = tmp_path_factory.mktemp("reference") / "samples"
+    run_in_process(weights, output_dir)
+    return (output_dir.parent / "samples.npz").read_bytes()
+
+
+def load_npz(path):
+    with np.load(path) as npz:
+        assert list(npz.keys()) == ["arr_0"]
+        return npz["arr_0"]
+
+
+def test_one_process_writes_class_ordered_seeded_samples(weights, reference, tmp_path):
+    path = tmp_path / "ref.npz"
+    path.write_bytes(reference)
+    samples = load_npz(path)
+    assert samples.dtype == np.uint8 and samples.shape == (NUM_SAMPLES, 16, 16, 3)
+    # Batch 2 holds samples 6, 7, 8: classes 1, 1, 2 (4 per class, in order), drawn from the seed of batch 2.
+    config = load_config(str(TINY_CONFIG))
+    generator = ReAR.from_pretrained(config, weights[0])
+    tokenizer = MaskGITVQGAN.from_pretrained(weights[1])
+
+    def batch(classes):
+        with one_thread():
+            torch.manual_seed(batch_seed(SEED, 2))
+            tokens = generator.generate(torch.tensor(classes), guidance_scale=4.0, guidance_scale_pow=2.75)
+            images = tokenizer.decode_tokens(tokens)
+        return (images.clamp(0, 1) * 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()
+
+    assert np.array_equal(samples[6:9], batch([1, 1, 2]))
+    assert not np.array_equal(samples[6:9], batch([1, 2, 2]))  # the class shows in the pixels
+    assert len({samples[i].tobytes() for i in range(NUM_SAMPLES)}) == NUM_SAMPLES
+
+
+def test_two_processes_under_torchrun_give_the_same_bytes(weights, reference, tmp_path):
+    output_dir = tmp_path / "samples"
+    command = ["torchrun", "--standalone", "--nproc_per_node=2", str(SCRIPT), *arguments(weights, output_dir)]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 x cpu" in result.stdout
+    assert (tmp_path / "samples.npz").read_bytes() == reference
+    assert not (output_dir / "shards").exists()
+
+
+def test_killed_run_resumes_to_the_same_bytes(weights, reference, tmp_path):
+    output_dir = tmp_path / "samples"
+    shards = output_dir / "shards"
+    command = [sys.executable, str(SCRIPT), *arguments(weights, output_dir)]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while len(list(shards.glob("batch_*.npy"))) < 3 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done = sorted(p.name for p in shards.glob("batch_*.npy"))
+    assert 3 <= len(done) < 14 and not (tmp_path / "samples.npz").exists()
+    # Also lose a finished shard and leave a torn temporary file behind, as a crash in np.save would.
+    (shards / done[1]).unlink()
+    (shards / "batch_000013.npy.999.tmp").write_bytes(b"\x93NUMPY torn")
+    run_in_process(weights, output_dir)
+    assert (tmp_path / "samples.npz").read_bytes() == reference
+    assert not shards.exists()
+
+
+def test_rerun_of_a_finished_run_changes_nothing_and_other_settings_are_refused(weights, reference, tmp_path, capsys):
+    output_dir = tmp_path / "samples"
+    run_in_process(weights, output_dir)
+    written = (tmp_path / "samples.npz").stat().st_mtime_ns
+    run_in_process(weights, output_dir)
+    assert "complete; nothing to do" in capsys.readouterr().out
+    assert (tmp_path / "samples.npz").stat().st_mtime_ns == written
+    assert (tmp_path / "samples.npz").read_bytes() == reference
+    with pytest.raises(ValueError, match="seed: 7 -> 8"):
+        load_script().main(arguments(weights, output_dir) + ["sampling.seed=8"])
+
+
+def test_rear_test_sh_samples_then_evaluates(tmp_path):
+    script = ROOT / "scripts_bash" / "rear_test.sh"
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage:" in usage.stderr and "REF_BATCH" in usage.stderr
+    # Stand-ins for torchrun and python that record their command lines.
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    for name in ("torchrun", "python"):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n')
+        (bin_dir / name).chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUTPUT_DIR": str(tmp_path / "out dir")}
+    result = subprocess.run(
+        ["bash", str(script), "configs/rear_s.yaml", "reAR-S.safetensors", "8", "ref.npz", "sampling.seed=1"],
+        env=env, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().splitlines() == [
+        f"torchrun --standalone --nproc_per_node=8 {SCRIPT} config=configs/rear_s.yaml "
+        f"experiment.generator_checkpoint=reAR-S.safetensors experiment.output_dir={tmp_path}/out dir sampling.seed=1",
+        f"python -m evaluator ref.npz {tmp_path}/out dir.npz",
+    ]
