@@ -1,0 +1,72 @@
+"""A batch's Inception activations, cached next to its .npz, and its (mu, sigma) statistics.
+
+The cache REF.<sha256[:16]>.activations.npz is keyed by the batch's content, so an edited batch is never
+scored with stale features, and it records the Inception weights that made it.
+"""
+import hashlib
+import math
+import os
+import warnings
+
+import numpy as np
+from tqdm import tqdm
+
+from evaluator.metrics import compute_statistics
+
+ACTIVATIONS = ("pool", "spatial", "softmax")
+
+
+def batch_activations(images, features, batch_size):
+    """Activations of all images of `images` (an NpzImages) under `features` (an InceptionFeatures)."""
+    cache = cache_path(images.path)
+    if os.path.isfile(cache):
+        with np.load(cache) as cached:
+            if str(cached.get("weights_id")) == features.weights_id:
+                return {name: cached[name] for name in ACTIVATIONS}
+    activations = compute_activations(images, features, batch_size)
+    _write_atomically(cache, {**activations, "weights_id": np.array(features.weights_id)})
+    return activations
+
+
+def cache_path(npz_path):
+    with open(npz_path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    return f"{npz_path.removesuffix('.npz')}.{digest}.activations.npz"
+
+
+def compute_activations(images, features, batch_size):
+    batches = tqdm(images.batches(batch_size), total=math.ceil(len(images) / batch_size),
+                   desc=f"Inception features of {os.path.basename(images.path)}", unit="batch")
+    parts = [features(batch) for batch in batches]
+    activations = {name: np.concatenate([part[name] for part in parts]) for name in ACTIVATIONS}
+    for name, values in activations.items():
+        if not np.isfinite(values).all():
+            raise ValueError(f"{images.path}: the Inception {name} features are not finite (NaN or inf); "
+                             f"check the Inception weights file")
+    return activations
+
+
+def batch_statistics(npz_path, activations):
+    """((mu, sigma) of pool, (mu_s, sigma_s) of spatial): stored in the .npz, as ADM's reference batches
+    carry them, else computed from `activations` (as ADM's `read_statistics`)."""
+    with np.load(npz_path) as npz:
+        def stored_or_computed(mu, sigma, features):
+            if mu in npz.files and sigma in npz.files:
+                return npz[mu], npz[sigma]
+            return compute_statistics(activations[features])
+
+        return stored_or_computed("mu", "sigma", "pool"), stored_or_computed("mu_s", "sigma_s", "spatial")
+
+
+def _write_atomically(path, arrays):
+    """Write to a temporary file, then rename: an interrupted run never leaves a half-written cache."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(temporary, path)
+    except OSError as error:
+        warnings.warn(f"could not write the activation cache {path}: {error}")
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
