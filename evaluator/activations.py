@@ -17,21 +17,29 @@ ACTIVATIONS = ("pool", "spatial", "softmax")
 
 
 def batch_activations(images, features, batch_size):
-    """Activations of all images of `images` (an NpzImages) under `features` (an InceptionFeatures)."""
-    cache = cache_path(images.path)
+    """Activations of all images of `images` (an NpzImages) under `features` (an InceptionFeatures),
+    read from the cache when it was made from the same images with the same weights."""
+    cache, weights_id = cache_path(images.path), content_hash(features.weights_path)
     if os.path.isfile(cache):
         with np.load(cache) as cached:
-            if str(cached.get("weights_id")) == features.weights_id:
+            if str(cached.get("weights_id")) == weights_id:
                 return {name: cached[name] for name in ACTIVATIONS}
     activations = compute_activations(images, features, batch_size)
-    _write_atomically(cache, {**activations, "weights_id": np.array(features.weights_id)})
+    _write_atomically(cache, {**activations, "weights_id": np.array(weights_id)})
     return activations
 
 
 def cache_path(npz_path):
-    with open(npz_path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
-    return f"{npz_path.removesuffix('.npz')}.{digest}.activations.npz"
+    return f"{npz_path.removesuffix('.npz')}.{content_hash(npz_path)}.activations.npz"
+
+
+def content_hash(path):
+    """First 16 hex digits of the file's SHA-256, read in 16 MiB chunks (batches are ~10 GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def compute_activations(images, features, batch_size):

@@ -5,7 +5,6 @@ From one forward pass, per image:
 - spatial: `mixed_6/conv`, first 7 channels, 17x17x7 = 2023-d in (H, W, C) order (sFID);
 - softmax: softmax of pool_3 @ W of the 1008-way classifier, without its bias, as ADM's graph computes it (IS).
 """
-import hashlib
 import os
 
 import torch
@@ -45,9 +44,7 @@ class InceptionFeatures:
         ).to(device)
         # TF's `mixed_6/conv` is the ReLU output of Mixed_6d's 1x1 branch.
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
-        # Activation caches are only valid for the weights that made them.
-        with open(weights_path, "rb") as f:
-            self.weights_id = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        self.weights_path = weights_path  # activation caches record which weights made them
 
     def _keep_spatial(self, module, inputs, output):
         # NCHW → NHWC before flattening, the order of TF's output and of the reference batch's mu_s / sigma_s.

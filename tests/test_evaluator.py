@@ -260,9 +260,9 @@ def test_inception_features_follow_adm_layout(random_inception_weights):
 class _CountingFeatures:
     """Stands in for InceptionFeatures: cheap deterministic features, and a count of the images seen."""
 
-    weights_id = "fake-weights"
-
-    def __init__(self):
+    def __init__(self, directory):
+        self.weights_path = directory / "fake-weights.pth"
+        self.weights_path.write_bytes(b"weights")
         self.images_seen = 0
 
     def __call__(self, images):
@@ -275,10 +275,10 @@ class _CountingFeatures:
 def test_activations_are_cached_once_and_reused(tmp_path):
     path = str(tmp_path / "ref.npz")
     np.savez(path, arr_0=_images(5, size=4))
-    features = _CountingFeatures()
+    features = _CountingFeatures(tmp_path)
     first = batch_activations(NpzImages(path), features, batch_size=2)
     assert features.images_seen == 5
-    assert sorted(os.listdir(tmp_path)) == sorted(["ref.npz", os.path.basename(cache_path(path))])
+    assert sorted(os.listdir(tmp_path)) == sorted(["ref.npz", "fake-weights.pth", Path(cache_path(path)).name])
     assert Path(cache_path(path)).name.startswith("ref.") and cache_path(path).endswith(".activations.npz")
 
     second = batch_activations(NpzImages(path), features, batch_size=2)
@@ -286,7 +286,7 @@ def test_activations_are_cached_once_and_reused(tmp_path):
     for name in first:
         np.testing.assert_array_equal(first[name], second[name])
 
-    features.weights_id = "other-weights"  # another network: the cache does not apply
+    features.weights_path.write_bytes(b"other weights")  # another network: the cache does not apply
     batch_activations(NpzImages(path), features, batch_size=2)
     assert features.images_seen == 10
 
@@ -309,20 +309,20 @@ def test_a_failed_cache_write_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(activations_module.np, "savez", savez_then_fail)
     with pytest.warns(UserWarning, match="disk full"):
-        activations = batch_activations(NpzImages(path), _CountingFeatures(), batch_size=2)
+        activations = batch_activations(NpzImages(path), _CountingFeatures(tmp_path), batch_size=2)
     assert activations["pool"].shape == (3, 4)
-    assert os.listdir(tmp_path) == ["ref.npz"]
+    assert sorted(os.listdir(tmp_path)) == ["fake-weights.pth", "ref.npz"]
 
 
 def test_non_finite_features_are_rejected(tmp_path):
     path = str(tmp_path / "ref.npz")
     np.savez(path, arr_0=_images(3, size=4))
-    broken = mock.Mock(weights_id="w", side_effect=lambda images: {
+    broken = mock.Mock(weights_path=_CountingFeatures(tmp_path).weights_path, side_effect=lambda images: {
         "pool": np.full((len(images), 4), np.nan, np.float32), "spatial": np.zeros((len(images), 3), np.float32),
         "softmax": np.full((len(images), 2), 0.5, np.float32)})
     with pytest.raises(ValueError, match="pool features are not finite"):
         batch_activations(NpzImages(path), broken, batch_size=2)
-    assert os.listdir(tmp_path) == ["ref.npz"]
+    assert sorted(os.listdir(tmp_path)) == ["fake-weights.pth", "ref.npz"]
 
 
 def test_statistics_stored_in_the_npz_take_precedence(tmp_path):
