@@ -55,7 +55,8 @@ def fetch_weights(generator: str, tokenizer: str) -> tuple[str, str]:
         except FileNotFoundError as err:
             errors.append(f"  {what}: {err}")
     if errors:
-        sources = ", ".join(f"{os.path.basename(n)} ({PUBLISHED.get(os.path.basename(n), 'local file')})" for n in (generator, tokenizer))
+        names = [os.path.basename(n) for n in (generator, tokenizer)]
+        sources = ", ".join(f"{name} ({PUBLISHED.get(name, 'local file')})" for name in names)
         raise SystemExit(
             f"The demo needs two weight files: {sources}.\n" + "\n".join(errors) + "\n"
             "Without access to the Hugging Face Hub, download both elsewhere and pass their local paths: "

@@ -102,7 +102,9 @@ def test_killed_run_resumes_to_the_same_bytes(weights, reference, tmp_path):
     output_dir = tmp_path / "samples"
     shards = output_dir / "shards"
     command = [sys.executable, str(SCRIPT), *arguments(weights, output_dir)]
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 120
     while len(list(shards.glob("batch_*.npy"))) < 3 and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)

@@ -137,7 +137,9 @@ def load_models(config, device: torch.device) -> Tuple[nn.Module, nn.Module]:
     from modeling.tokenizers import build_tokenizer
 
     if not config.experiment.generator_checkpoint:
-        raise ValueError("set experiment.generator_checkpoint=PATH (a local file or a released name, e.g. reAR-S.safetensors)")
+        raise ValueError(
+            "set experiment.generator_checkpoint=PATH (a local file or a released name, e.g. reAR-S.safetensors)"
+        )
     generator = ReAR.from_pretrained(config, config.experiment.generator_checkpoint)
     return generator.to(device).eval(), build_tokenizer(config).to(device).eval()
 
@@ -176,7 +178,9 @@ def prepare_sample_dir(sample_dir: str, settings: dict) -> bool:
                 "use another experiment.output_dir or delete that folder"
             )
     elif os.path.exists(npz_path(sample_dir)):
-        raise FileExistsError(f"{npz_path(sample_dir)} exists but was not made by this script here; delete it to resample")
+        raise FileExistsError(
+            f"{npz_path(sample_dir)} exists but was not made by this script here; delete it to resample"
+        )
     else:
         os.makedirs(os.path.join(sample_dir, "shards"), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -213,7 +217,7 @@ def write_npz_from_shards(path: str, shard_paths: Sequence[str], chunk_rows: int
 
 def settings_of(config, options: SamplingOptions, device: torch.device) -> dict:
     """Everything the sampled bytes depend on (but the weights' contents), to guard resumed runs."""
-    s = config.sampling
+    s, vq = config.sampling, config.model.vq_model
     return {
         "num_samples": s.num_samples,
         "num_classes": config.model.generator.condition_num_classes,
@@ -222,7 +226,7 @@ def settings_of(config, options: SamplingOptions, device: torch.device) -> dict:
         "precision": effective_precision(s.precision, device),
         "device_type": device.type,
         "generator_checkpoint": config.experiment.generator_checkpoint,
-        "tokenizer_checkpoint": config.experiment.tokenizer_checkpoint or config.model.vq_model.pretrained_tokenizer_weight,
+        "tokenizer_checkpoint": config.experiment.tokenizer_checkpoint or vq.pretrained_tokenizer_weight,
         **asdict(options),
     }
 
@@ -254,7 +258,8 @@ def make_shards(
     for b in todo:
         start, end = bounds[b]
         torch.manual_seed(batch_seed(s.seed, b))
-        images = sample_images(generator, tokenizer, torch.from_numpy(labels[start:end]).to(device), options, s.precision)
+        class_ids = torch.from_numpy(labels[start:end]).to(device)
+        images = sample_images(generator, tokenizer, class_ids, options, s.precision)
         if s.save_png:  # before the shard: a batch with a shard has all its PNGs
             for index, image in enumerate(images, start):
                 Image.fromarray(image).save(os.path.join(sample_dir, f"{index:06d}.png"))
