@@ -90,6 +90,7 @@ class ModelConfig:
 @dataclass
 class DatasetParams:
     pretokenization: Optional[str] = None
+    pretokenized_cache_dir: Optional[str] = None  # where the JSONL's arrays go; None: next to the file
     train_shards_path_or_url: Optional[str] = None
     eval_shards_path_or_url: Optional[str] = None
     num_workers_per_gpu: int = 4

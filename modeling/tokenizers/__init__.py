@@ -8,11 +8,12 @@ frozen tokenizer.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional
 
 from torch import nn
 
-from utils.checkpoint import resolve_weights
+from utils.checkpoint import load_checked, load_state_dict_file, resolve_weights
 
 from .maskgit_vqgan import MaskGITVQGAN
 
@@ -34,6 +35,29 @@ def register_tokenizer(name: str) -> Callable[[TokenizerBuilder], TokenizerBuild
 def build_maskgit_vqgan(config, checkpoint: Optional[str]) -> nn.Module:
     """The released f16 architecture; without a checkpoint its weights are random (tests only)."""
     return MaskGITVQGAN.from_pretrained(checkpoint) if checkpoint else MaskGITVQGAN()
+
+
+@register_tokenizer("toy")
+def build_toy_tokenizer(config, checkpoint: Optional[str]) -> nn.Module:
+    """Patch k-means on the built-in toy images: loaded from `checkpoint`, else fitted from `dataset.toy.seed`
+    (the same codebook for the same config). Patch size = image size / sqrt(num_latent_tokens)."""
+    from utils.toy_data import toy_images
+
+    from .toy import PatchKMeansTokenizer
+
+    vq, toy = config.model.vq_model, config.dataset.toy
+    side = math.isqrt(vq.num_latent_tokens)
+    if side * side != vq.num_latent_tokens or toy.image_size % side:
+        raise ValueError(
+            f"model.vq_model.num_latent_tokens ({vq.num_latent_tokens}) must be a square whose side divides "
+            f"dataset.toy.image_size ({toy.image_size})"
+        )
+    patch_size = toy.image_size // side
+    tokenizer = PatchKMeansTokenizer(vq.codebook_size, patch_size, toy.image_size)
+    if checkpoint:
+        return load_checked(tokenizer, load_state_dict_file(checkpoint), f"toy tokenizer {checkpoint}")
+    images, _ = toy_images(min(toy.num_images, 1000), toy.num_classes, toy.image_size, toy.seed)
+    return tokenizer.fit(images, iterations=15, seed=toy.seed)
 
 
 def build_tokenizer(config) -> nn.Module:

@@ -1,0 +1,230 @@
+"""Train reAR (or RAR / plain AR) on pre-tokenized ImageNet, ImageNet shards, or the built-in toy data set.
+
+    python scripts/train_rear.py config=configs/rear_toy.yaml                    # CPU, minutes
+    accelerate launch scripts/train_rear.py config=configs/rear_s.yaml experiment.output_dir=runs/rear_s
+
+Writes into experiment.output_dir: checkpoints/checkpoint-<step>/ (resumable, see utils/checkpointing.py),
+samples/step_<step>.png, generator.safetensors (final weights, EMA if on: `ReAR.from_pretrained` loads it) and,
+for the toy data set, tokenizer.safetensors and samples/final.png with the classifier's score.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+# OpenMP threads that spin while waiting make a CPU run 10-50x slower when another process shares the cores
+# (each of the many small ops waits out a scheduler slice); sleeping waiters cost little. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from modeling.losses import randomness_ratio  # noqa: E402
+from modeling.rear import ReAR  # noqa: E402
+from modeling.tokenizers import build_tokenizer  # noqa: E402
+from utils.checkpoint import load_checked, load_state_dict_file  # noqa: E402
+from utils.checkpointing import (  # noqa: E402
+    NonFiniteError,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    read_train_state,
+    save_checkpoint,
+    save_weights,
+    write_training_state,
+)
+from utils.config import config_from_cli, to_yaml  # noqa: E402
+from utils.data import batches, training_dataset  # noqa: E402
+from utils.ema import EMA  # noqa: E402
+from utils.metrics import MetricWindow  # noqa: E402
+from utils.optim import build_optimizer, build_scheduler  # noqa: E402
+from utils.samples import generate_images, grid_classes, image_grid, save_png, toy_class_share  # noqa: E402
+from utils.trackers import build_tracker  # noqa: E402
+from utils.training import batch_tokens, make_accelerator, rear_objective  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    config = config_from_cli(sys.argv[1:] if argv is None else argv)
+    accelerator = make_accelerator(config)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    out = config.experiment.output_dir
+    t = config.training
+    if accelerator.is_main_process:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            f.write(to_yaml(config))
+
+    # Same initial weights on every process; data, dropout and noise differ per process from here on.
+    set_seed(t.seed)
+    tokenizer = build_tokenizer(config).to(device)
+    generator = ReAR(config).to(device)
+    if config.experiment.init_weight:
+        load_checked(generator, load_state_dict_file(config.experiment.init_weight), config.experiment.init_weight)
+    with accelerator.main_process_first():  # the main process converts a JSONL file once; the others reuse it
+        dataset = training_dataset(config, tokenizer)
+    optimizer = build_optimizer(generator, config, device)
+    scheduler = build_scheduler(optimizer, config)  # stepped once per optimizer step, by hand: not prepared
+    ema = EMA(generator, t.ema_decay) if t.use_ema else None
+    model = torch.compile(generator) if t.compile else generator
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # The data iterator is made before the random state is set (or restored): making it draws from it.
+    checkpoint = latest_checkpoint(out) if config.experiment.resume else None
+    state = read_train_state(checkpoint) if checkpoint else {"step": 0, "samples_seen": 0}
+    step, samples_seen = state["step"], state["samples_seen"]
+    data = iter(batches(config, dataset, rank, world, samples_seen, step))
+    if checkpoint is None or not load_checkpoint(checkpoint, rank, generator, optimizer, scheduler, ema, accelerator.scaler):
+        set_seed(t.seed + step, device_specific=True)  # a fresh run, or more processes than the checkpoint had
+    if checkpoint is not None:
+        accelerator.print(f"resumed from {checkpoint} at step {step} ({samples_seen} samples)")
+    micro_batch = t.per_gpu_batch_size * world  # samples one micro-step consumes over all processes
+
+    tracker = build_tracker(config, out, accelerator.is_main_process)
+    window = MetricWindow(device)
+    describe_run(accelerator, config, dataset, generator)
+    progress = tqdm(total=t.max_train_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    last_log_time, last_log_step = time.time(), step
+
+    while step < t.max_train_steps:
+        for micro in range(t.gradient_accumulation_steps):
+            tokens, class_ids = batch_tokens(next(data), tokenizer, device)
+            last = micro == t.gradient_accumulation_steps - 1
+            with nullcontext() if last else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    parts = rear_objective(model, tokenizer, tokens, class_ids, step, config)
+                accelerator.backward(parts.loss / t.gradient_accumulation_steps)
+            samples_seen += micro_batch
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(generator)
+        step += 1
+        window.add(parts, grad_norm, step)
+        progress.update(1)
+
+        if step % config.experiment.log_every == 0 or step == t.max_train_steps:
+            metrics = read_metrics(accelerator, window, config, step, samples_seen, scheduler, dataset)
+            now = time.time()
+            metrics["samples_per_second"] = (step - last_log_step) * micro_batch * t.gradient_accumulation_steps / (now - last_log_time)
+            last_log_time, last_log_step = now, step
+            tracker.log(metrics, step)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.3f}", lr=f"{metrics['lr']:.2e}")
+        if step % config.experiment.generate_every == 0 and accelerator.is_main_process:
+            sample_grid(generator, ema, tokenizer, config, device, step, tracker)
+        if step % config.experiment.save_every == 0 or step == t.max_train_steps:
+            stop_if_non_finite(accelerator, window)
+            save(accelerator, config, step, samples_seen, generator, optimizer, scheduler, ema)
+    progress.close()
+
+    summary = {"step": step, "samples_seen": samples_seen}
+    if accelerator.is_main_process:
+        final = ema.model_state_dict(generator) if ema is not None else generator.state_dict()
+        save_weights(os.path.join(out, "generator.safetensors"), final)
+        if config.dataset.name == "toy":
+            summary.update(evaluate_toy(generator, ema, tokenizer, config, device))
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    tracker.finish()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def describe_run(accelerator, config, dataset, generator) -> None:
+    t = config.training
+    global_batch = t.per_gpu_batch_size * accelerator.num_processes * t.gradient_accumulation_steps
+    accelerator.print(
+        f"reAR training: {generator.num_parameters() / 1e6:.1f}M parameters, {accelerator.num_processes} processes "
+        f"on {accelerator.device.type}, global batch {global_batch}, {t.max_train_steps} steps, precision {t.mixed_precision}"
+    )
+    if dataset is not None:
+        passes = len(dataset) / config.experiment.max_train_examples
+        accelerator.print(
+            f"data: {len(dataset)} sequences; 'epoch' counts experiment.max_train_examples = "
+            f"{config.experiment.max_train_examples} samples, so one pass over the data is {passes:g} epochs "
+            "(ten-crop pre-tokenized ImageNet: 10 epochs a pass)"
+        )
+
+
+def read_metrics(accelerator, window, config, step, samples_seen, scheduler, dataset) -> dict:
+    """Averages over the logging window and all processes (the only synchronisation of the loop)."""
+    stop_if_non_finite(accelerator, window)
+    g = config.model.generator
+    metrics = window.averages()
+    metrics = dict(zip(metrics, accelerator.reduce(torch.tensor(list(metrics.values()), device=accelerator.device), "mean").tolist()))
+    metrics["noise_rate"] = randomness_ratio(step, g.randomness_anneal_start, g.randomness_anneal_end)
+    metrics["lr"] = scheduler.get_last_lr()[0]
+    metrics["epoch"] = samples_seen / config.experiment.max_train_examples
+    if dataset is not None:
+        metrics["data_pass"] = samples_seen / len(dataset)
+    return metrics
+
+
+def stop_if_non_finite(accelerator, window) -> None:
+    """Every process stops together at the first non-finite loss or gradient, before anything is saved."""
+    bad_step = accelerator.gather(window.first_non_finite[None]).max()
+    if int(bad_step) >= 0:
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {int(bad_step)}; stopping without saving "
+            "(the last checkpoint is intact; try a lower learning rate or fp32)"
+        )
+
+
+def save(accelerator, config, step, samples_seen, generator, optimizer, scheduler, ema) -> None:
+    out = config.experiment.output_dir
+
+    def write_shared(directory):
+        write_training_state(directory, generator, optimizer, scheduler, ema, accelerator.scaler)
+
+    train_state = {"samples_seen": samples_seen, "world_size": accelerator.num_processes}
+    save_checkpoint(out, step, train_state, write_shared, accelerator.wait_for_everyone, accelerator.process_index)
+    if accelerator.is_main_process:
+        prune_checkpoints(out, config.experiment.keep_last_checkpoints)
+
+
+def sample_grid(generator, ema, tokenizer, config, device, step, tracker) -> None:
+    """One sample for each of `training.num_generated_images` classes, from the EMA weights when there are some."""
+    model = generator
+    if ema is not None:
+        model = ReAR(config).to(device)
+        model.load_state_dict(ema.model_state_dict(generator))
+    classes = grid_classes(config.model.generator.condition_num_classes, config.training.num_generated_images).to(device)
+    images = generate_images(model, tokenizer, classes, config, seed=config.sampling.seed)
+    grid = image_grid(images, columns=len(classes))
+    save_png(grid, os.path.join(config.experiment.output_dir, "samples", f"step_{step:08d}.png"))
+    tracker.log_image("samples", grid, step)
+
+
+def evaluate_toy(generator, ema, tokenizer, config, device) -> dict:
+    """A row of samples per toy class, and the share a classifier of the toy classes assigns to the asked class."""
+    out = config.experiment.output_dir
+    save_weights(os.path.join(out, "tokenizer.safetensors"), tokenizer.state_dict())
+    model = generator
+    if ema is not None:
+        model = ReAR(config).to(device)
+        model.load_state_dict(ema.model_state_dict(generator))
+    num_classes = config.model.generator.condition_num_classes
+    per_class = max(config.sampling.num_samples // num_classes, 1)
+    class_ids = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+    images = generate_images(model, tokenizer, class_ids, config, seed=config.sampling.seed)
+    share = toy_class_share(images, class_ids, config)
+    save_png(image_grid(images, columns=per_class), os.path.join(out, "samples", "final.png"), scale=2)
+    print(
+        f"toy classifier: {share:.3f} of {len(class_ids)} samples show the requested class "
+        f"(chance {1 / num_classes:.2f}); grid: {os.path.join(out, 'samples', 'final.png')} (a row per class)"
+    )
+    return {"toy_class_share": share, "toy_num_samples": len(class_ids)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Training batches from one of three sources, chosen by the config:
+
+- `dataset.name: toy`: the built-in toy images (`utils/toy_data.py`), tokenized once in memory;
+- `dataset.params.pretokenization`: a pre-tokenized JSONL file (`utils/pretokenized.py`), memory-mapped;
+- `dataset.params.train_shards_path_or_url`: ImageNet WebDataset shards, tokenized on the fly by the frozen
+  tokenizer (batches hold images; the training step encodes them).
+
+Token data is read in a resumable order: the global stream of samples visits a seeded permutation of the data
+set per pass, and a run at position p (samples consumed so far, saved in the checkpoint) continues from p. Each
+optimizer step takes the next global batch of the stream; process r reads its r-th slice of it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterator, List
+
+import torch
+from torch.utils.data import DataLoader
+
+from utils.images import center_crop_arr, load_rgb, random_flip, to_tensor
+from utils.pretokenized import TokenDataset, open_pretokenized
+from utils.toy_data import toy_images
+
+
+class ResumableSampler:
+    """Batches of indices for one process; pass p over the data follows `randperm(n)` seeded by (seed, p)."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, start: int = 0):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size, self.seed, self.start = rank, world_size, seed, start
+        self._pass, self._order = -1, None
+
+    def order(self, data_pass: int) -> torch.Tensor:
+        if data_pass != self._pass:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + data_pass)
+            self._pass, self._order = data_pass, torch.randperm(self.num_samples, generator=g)
+        return self._order
+
+    def indices(self, start: int, count: int) -> List[int]:
+        """Sample indices at stream positions start .. start+count-1."""
+        out = []
+        while count:
+            data_pass, offset = divmod(start, self.num_samples)
+            take = min(count, self.num_samples - offset)
+            out += self.order(data_pass)[offset : offset + take].tolist()
+            start, count = start + take, count - take
+        return out
+
+    def __iter__(self) -> Iterator[List[int]]:
+        position = self.start
+        global_batch = self.batch_size * self.world_size
+        while True:
+            yield self.indices(position + self.rank * self.batch_size, self.batch_size)
+            position += global_batch
+
+
+def keep_batch(batch):
+    """`TokenDataset.__getitems__` already returns the collated batch."""
+    return batch
+
+
+def token_loader(dataset: TokenDataset, config, rank: int, world_size: int, start: int) -> DataLoader:
+    params = config.dataset.params
+    sampler = ResumableSampler(
+        len(dataset), config.training.per_gpu_batch_size, rank, world_size, config.training.seed, start
+    )
+    workers = params.num_workers_per_gpu
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=keep_batch,
+        num_workers=workers,
+        pin_memory=params.pin_memory and torch.cuda.is_available(),
+        persistent_workers=params.persistent_workers and workers > 0,
+    )
+
+
+def toy_token_dataset(config, tokenizer) -> TokenDataset:
+    """The toy images of `dataset.toy`, tokenized by `tokenizer` (seconds on a CPU)."""
+    toy = config.dataset.toy
+    images, labels = toy_images(toy.num_images, toy.num_classes, toy.image_size, toy.seed)
+    tokens = torch.cat([tokenizer.encode(chunk) for chunk in images.split(4096)])
+    return TokenDataset(tokens.numpy().astype("uint16"), labels.numpy().astype("int32"))
+
+
+def expand_shards(pattern: str) -> List[str]:
+    """The shard list of a brace pattern; local shards must exist."""
+    import braceexpand
+
+    urls = [u for part in pattern.split("::") for u in braceexpand.braceexpand(part)]
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(urls)} training shards not found, e.g. {missing[0]} "
+            "(dataset.params.train_shards_path_or_url)"
+        )
+    return urls
+
+
+class ImageTransform:
+    """ADM center crop to `preprocessing.crop_size`, random horizontal flip, float in [0, 1]."""
+
+    def __init__(self, crop_size: int, flip: bool):
+        self.crop_size, self.flip = crop_size, flip
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        image = to_tensor(center_crop_arr(load_rgb(data), self.crop_size))
+        return random_flip(image) if self.flip else image
+
+
+def class_label(data) -> int:
+    return int(data.decode() if isinstance(data, bytes) else data)
+
+
+def shard_loader(config, step: int) -> DataLoader:
+    """An endless stream of image batches from the shards, resampled per worker and process.
+
+    Streaming shards cannot seek, so a resumed run is not a replay: its stream is seeded with the step it resumes
+    from, so that it reads fresh samples rather than the beginning of the old stream again.
+    """
+    import webdataset as wds
+
+    params, pre = config.dataset.params, config.dataset.preprocessing
+    seed = config.training.seed * 1_000_003 + step
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(expand_shards(params.train_shards_path_or_url), seed=seed, deterministic=True),
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.shuffle(params.shuffle_buffer_size, seed=seed),
+        wds.to_tuple("jpg;png;jpeg;webp", "cls", handler=wds.warn_and_continue),
+        wds.map_tuple(ImageTransform(pre.crop_size, pre.random_flip), class_label),
+        wds.batched(config.training.per_gpu_batch_size, partial=False),
+    )
+    workers = params.num_workers_per_gpu
+    return DataLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=params.pin_memory and torch.cuda.is_available(),
+        persistent_workers=params.persistent_workers and workers > 0,
+    )
+
+
+def as_batch(batch) -> Dict[str, torch.Tensor]:
+    if isinstance(batch, dict):
+        return batch
+    images, class_ids = batch
+    return {"images": images, "class_ids": torch.as_tensor(class_ids)}
+
+
+def training_dataset(config, tokenizer) -> TokenDataset | None:
+    """The token data set of the config (checked against the model), or None when training reads shards."""
+    g, params = config.model.generator, config.dataset.params
+    if config.dataset.name == "toy":
+        dataset, source = toy_token_dataset(config, tokenizer), "the toy data set"
+    elif params.pretokenization:
+        dataset = open_pretokenized(params.pretokenization, params.pretokenized_cache_dir)
+        source = params.pretokenization
+    elif params.train_shards_path_or_url:
+        return None
+    else:
+        raise ValueError(
+            "no training data: set dataset.params.pretokenization (a JSONL file) or "
+            "dataset.params.train_shards_path_or_url (WebDataset shards), or dataset.name=toy"
+        )
+    dataset.check(g.condition_num_classes, config.model.vq_model.codebook_size, g.image_seq_len, source)
+    return dataset
+
+
+def batches(config, dataset: TokenDataset | None, rank: int, world_size: int, samples_seen: int, step: int):
+    """Endless iterator of batches ({"tokens" or "images", "class_ids"}) from the data position of the run."""
+    loader = (
+        shard_loader(config, step)
+        if dataset is None
+        else token_loader(dataset, config, rank, world_size, samples_seen)
+    )
+    return map(as_batch, loader)

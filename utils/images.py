@@ -1,0 +1,50 @@
+"""Image pre-processing for ImageNet: ADM's center crop, flips and LlamaGen's ten crops, to tensors in [0, 1]."""
+
+from __future__ import annotations
+
+import io
+from typing import List
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
+    """ADM's center crop: halve with BOX while the short side >= 2·size, BICUBIC-resize the short side to
+    `size`, then crop the center size×size."""
+    while min(*image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.Resampling.BOX)
+    scale = size / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.Resampling.BICUBIC)
+    arr = np.array(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return Image.fromarray(arr[top : top + size, left : left + size])
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image → float (3, H, W) in [0, 1] (the tokenizers' input range)."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def load_rgb(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def five_crops(image: Image.Image, size: int) -> List[Image.Image]:
+    """The four corner crops and the center crop of size×size, in torchvision's `five_crop` order."""
+    w, h = image.size
+    center = (int(round((w - size) / 2.0)), int(round((h - size) / 2.0)))
+    corners = [(0, 0), (w - size, 0), (0, h - size), (w - size, h - size), center]
+    return [image.crop((x, y, x + size, y + size)) for x, y in corners]
+
+
+def ten_crops(image: Image.Image, size: int) -> List[Image.Image]:
+    """LlamaGen's / RAR's ten-crop augmentation (torchvision's `TenCrop` after an ADM center crop to
+    int(1.1·size)): the five crops of the image, then the five crops of its mirror image."""
+    image = center_crop_arr(image, int(size * 1.1))
+    return five_crops(image, size) + five_crops(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), size)
+
+
+def random_flip(image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    return image.flip(-1) if torch.rand((), generator=generator) < 0.5 else image

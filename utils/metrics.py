@@ -1,0 +1,41 @@
+"""Training metrics summed on the device between logging steps, so the step itself never waits for the host."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from modeling.losses import LossParts
+
+NAMES = ("loss", "ce", "encode_alignment", "decode_alignment", "token_accuracy", "grad_norm")
+
+
+class MetricWindow:
+    """Running sums of the loss parts and the gradient norm, and the first step whose loss or gradient was not
+    finite (-1 while none was). Reading them (`averages`) is the only synchronisation."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(len(NAMES), device=device)
+        self.count = 0
+        self.first_non_finite = torch.full((), -1, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def add(self, parts: LossParts, grad_norm: torch.Tensor, step: int) -> None:
+        values = torch.stack(
+            [parts.loss, parts.ce, parts.encode_alignment, parts.decode_alignment, parts.accuracy, grad_norm]
+        ).float()
+        self.sums += values
+        self.count += 1
+        bad = ~torch.isfinite(values[[0, 5]]).all() & (self.first_non_finite < 0)
+        self.first_non_finite = torch.where(bad, torch.full_like(self.first_non_finite, step), self.first_non_finite)
+
+    def non_finite_step(self) -> int:
+        """The first step with a non-finite loss or gradient, or -1."""
+        return int(self.first_non_finite)
+
+    def averages(self) -> Dict[str, float]:
+        values = (self.sums / max(self.count, 1)).tolist()
+        self.sums.zero_()
+        self.count = 0
+        return dict(zip(NAMES, values))
