@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from typing import List
 
 import numpy as np
@@ -48,3 +49,23 @@ def ten_crops(image: Image.Image, size: int) -> List[Image.Image]:
 
 def random_flip(image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     return image.flip(-1) if torch.rand((), generator=generator) < 0.5 else image
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def list_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, label) of every image under root/<class>/, classes sorted by name (ImageNet's synset order gives
+    the standard labels 0..999), files sorted within a class."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder not found: {root}")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise FileNotFoundError(f"{root} has no class sub-folders (expected root/<class>/<image>)")
+    items = [
+        (os.path.join(root, name, file), label)
+        for label, name in enumerate(classes)
+        for file in sorted(os.listdir(os.path.join(root, name)))
+        if file.lower().endswith(IMAGE_EXTENSIONS)
+    ]
+    return items, classes

@@ -34,6 +34,7 @@ def make_accelerator(config) -> Accelerator:
         torch.backends.cuda.matmul.allow_tf32 = config.training.enable_tf32
         torch.backends.cudnn.allow_tf32 = config.training.enable_tf32
     return Accelerator(
+        cpu=not torch.cuda.is_available(),  # without it, processes on CPUs would not form a (gloo) group
         mixed_precision=precision,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=3))],
     )

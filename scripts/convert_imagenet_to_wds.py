@@ -1,0 +1,56 @@
+"""Pack an ImageNet folder into WebDataset tar shards (keys `jpg`/`png` + `cls`), the layout training reads.
+
+    python scripts/convert_imagenet_to_wds.py --imagenet_dir /data/imagenet --output_dir imagenet_sharded
+
+Each split (default train and val) must be in the class-folder layout root/<split>/<synset>/<image> (for val, move
+the images into synset folders first, e.g. with the usual `valprep.sh`); labels are the sorted synset indices.
+Image bytes are stored as they are, not re-encoded. The train split is shuffled (seeded) so that every shard mixes
+classes. With the default 5,065 images a shard, ImageNet gives imagenet-train-{0000..0252}.tar and
+imagenet-val-{0000..0009}.tar, the patterns in configs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tqdm.auto import tqdm  # noqa: E402
+
+from utils.images import list_image_folder  # noqa: E402
+
+
+def write_split(root: str, split: str, output_dir: str, maxcount: int, seed: int) -> int:
+    import webdataset as wds
+
+    items, _ = list_image_folder(os.path.join(root, split))
+    if split == "train":
+        random.Random(seed).shuffle(items)
+    os.makedirs(output_dir, exist_ok=True)
+    pattern = os.path.join(output_dir, f"imagenet-{split}-%04d.tar")
+    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
+        for index, (path, label) in enumerate(tqdm(items, desc=split, unit="img")):
+            key = "png" if path.lower().endswith(".png") else "jpg"
+            with open(path, "rb") as f:
+                sink.write({"__key__": f"{split}_{index:08d}", key: f.read(), "cls": label})
+    return len(items)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--imagenet_dir", required=True, help="folder holding <split>/<synset>/<image>")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--splits", nargs="+", default=["train", "val"])
+    parser.add_argument("--maxcount", type=int, default=5065, help="images a shard")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle of the train split")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    for split in args.splits:
+        count = write_split(args.imagenet_dir, split, args.output_dir, args.maxcount, args.seed)
+        print(f"{split}: {count} images in {-(-count // args.maxcount)} shards under {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

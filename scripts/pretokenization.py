@@ -1,0 +1,164 @@
+"""Pre-tokenize ImageNet (an image folder or WebDataset shards) into JSON Lines for training.
+
+    torchrun --nproc_per_node=8 scripts/pretokenization.py config=configs/rear_s.yaml \\
+        --data imagenet/train --output maskgitvq.jsonl --augment ten_crop
+
+One line per crop: {"class_id": int, "tokens": [int × N]}. Augmentations (all deterministic, so a rerun writes the
+same bytes): `center` (ADM center crop, 1 line an image), `flip` (it and its mirror image, 2 lines) or `ten_crop`
+(RAR's public `maskgitvq.jsonl`: ADM crop to 1.1×size, four corners + center and their flips, 10 lines).
+Each process writes its share of the images to OUTPUT.part-<rank>-of-<world>, flushed after every batch; an
+interrupted run started again with the same command and number of processes skips what its parts already hold.
+When every part is complete, rank 0 merges them into OUTPUT (written to a temporary name, then renamed).
+The tokenizer and crop size come from the config (`model.vq_model.*`, `dataset.preprocessing.crop_size`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import timedelta
+from typing import Iterator, List, Tuple
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from modeling.tokenizers import build_tokenizer  # noqa: E402
+from utils.config import config_from_cli  # noqa: E402
+from utils.images import center_crop_arr, list_image_folder, load_rgb, ten_crops, to_tensor  # noqa: E402
+
+CROPS_PER_IMAGE = {"center": 1, "flip": 2, "ten_crop": 10}
+
+
+def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="image folder (root/<class>/<image>) or a shard pattern (.tar)")
+    parser.add_argument("--output", required=True, help="the JSON Lines file to write")
+    parser.add_argument("--augment", choices=sorted(CROPS_PER_IMAGE), default="ten_crop")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per tokenizer batch and process")
+    parser.add_argument("--num_workers", type=int, default=8, help="image-decoding workers per process (folders)")
+    return parser.parse_known_args(argv)
+
+
+def crops(image, size: int, augment: str) -> torch.Tensor:
+    """(crops, 3, size, size) in [0, 1] for one PIL image."""
+    if augment == "ten_crop":
+        return torch.stack([to_tensor(c) for c in ten_crops(image, size)])
+    center = to_tensor(center_crop_arr(image, size))
+    return torch.stack([center, center.flip(-1)]) if augment == "flip" else center[None]
+
+
+class FolderImages(torch.utils.data.Dataset):
+    def __init__(self, items, size: int, augment: str):
+        self.items, self.size, self.augment = items, size, augment
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, label = self.items[index]
+        with open(path, "rb") as f:
+            return crops(load_rgb(f.read()), self.size, self.augment), label
+
+
+class ShardImages(torch.utils.data.IterableDataset):
+    """This process's shards, read in order, after skipping the first `skip` samples."""
+
+    def __init__(self, shards, size: int, augment: str, skip: int):
+        self.shards, self.size, self.augment, self.skip = shards, size, augment, skip
+
+    def __iter__(self) -> Iterator:
+        import webdataset as wds
+
+        samples = wds.DataPipeline(wds.SimpleShardList(self.shards), wds.tarfile_to_samples(), wds.to_tuple("jpg;png;jpeg;webp", "cls"))
+        for index, (data, label) in enumerate(samples):
+            if index >= self.skip:
+                yield crops(load_rgb(data), self.size, self.augment), int(label)
+
+
+def resume_part(path: str, lines_per_image: int) -> int:
+    """Images already in a part file; a torn last image (or line) is cut off so the file ends on an image."""
+    if not os.path.isfile(path):
+        return 0
+    images = lines = offset = keep = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            lines, offset = lines + 1, offset + len(line)
+            if lines % lines_per_image == 0:
+                images, keep = images + 1, offset
+    if os.path.getsize(path) != keep:
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return images
+
+
+def merge_parts(parts: List[str], output: str) -> None:
+    tmp = f"{output}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, output)
+    for part in parts:
+        os.remove(part)
+        os.remove(part + ".done")
+
+
+def main(argv=None) -> None:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    config = config_from_cli(overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    parts = [f"{args.output}.part-{r}-of-{world}" for r in range(world)]
+    if os.path.isfile(args.output) and not any(os.path.exists(p) for p in parts):
+        print(f"{args.output} is already complete; delete it to tokenize again")
+        return
+    if world > 1:  # long timeout: ranks finish their shares at different times, then wait for the merge
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=6))
+    rank = dist.get_rank() if world > 1 else 0
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    size, per_image = config.dataset.preprocessing.crop_size, CROPS_PER_IMAGE[args.augment]
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    part = parts[rank]
+
+    done = resume_part(part, per_image) if not os.path.isfile(part + ".done") else None
+    if done is not None:
+        if os.path.isdir(args.data):
+            items = list_image_folder(args.data)[0][rank::world]
+            dataset, total, workers = FolderImages(items[done:], size, args.augment), len(items), args.num_workers
+        else:  # read in order by this process alone, so that a resumed run can count what to skip
+            from utils.data import expand_shards
+
+            shards = expand_shards(args.data)[rank::world]
+            dataset, total, workers = ShardImages(shards, size, args.augment, done), None, 0
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
+        tokenizer = build_tokenizer(config).to(device)
+        progress = tqdm(total=total, initial=done, unit="img", disable=rank != 0, desc="pre-tokenizing")
+        with open(part, "a") as out, torch.no_grad():
+            for images, labels in loader:
+                tokens = tokenizer.encode(images.flatten(0, 1).to(device)).cpu().tolist()
+                classes = labels.repeat_interleave(per_image).tolist()
+                out.write("".join(json.dumps({"class_id": c, "tokens": t}) + "\n" for c, t in zip(classes, tokens)))
+                out.flush()
+                progress.update(len(labels))
+        progress.close()
+        open(part + ".done", "w").close()
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        merge_parts(parts, args.output)
+        print(f"wrote {args.output}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
