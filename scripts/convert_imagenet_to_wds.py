@@ -5,8 +5,8 @@
 Each split (default train and val) must be in the class-folder layout root/<split>/<synset>/<image> (for val, move
 the images into synset folders first, e.g. with the usual `valprep.sh`); labels are the sorted synset indices.
 Image bytes are stored as they are, not re-encoded. The train split is shuffled (seeded) so that every shard mixes
-classes. With the default 5,065 images a shard, ImageNet gives imagenet-train-{0000..0252}.tar and
-imagenet-val-{0000..0009}.tar, the patterns in configs/.
+classes. With the default 5,065 images a shard, ImageNet gives OUTPUT_DIR/train/imagenet-train-{0000..0252}.tar and
+OUTPUT_DIR/val/imagenet-val-{0000..0009}.tar, the patterns in configs/.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def write_split(root: str, split: str, output_dir: str, maxcount: int, seed: int
     items, _ = list_image_folder(os.path.join(root, split))
     if split == "train":
         random.Random(seed).shuffle(items)
-    os.makedirs(output_dir, exist_ok=True)
-    pattern = os.path.join(output_dir, f"imagenet-{split}-%04d.tar")
+    os.makedirs(os.path.join(output_dir, split), exist_ok=True)
+    pattern = os.path.join(output_dir, split, f"imagenet-{split}-%04d.tar")
     with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
         for index, (path, label) in enumerate(tqdm(items, desc=split, unit="img")):
             key = "png" if path.lower().endswith(".png") else "jpg"
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     for split in args.splits:
         count = write_split(args.imagenet_dir, split, args.output_dir, args.maxcount, args.seed)
-        print(f"{split}: {count} images in {-(-count // args.maxcount)} shards under {args.output_dir}")
+        print(f"{split}: {count} images in {-(-count // args.maxcount)} shards under {os.path.join(args.output_dir, split)}")
 
 
 if __name__ == "__main__":

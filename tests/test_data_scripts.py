@@ -82,8 +82,8 @@ def test_shards_round_trip_and_train_on_the_fly(folder, tmp_path):
     load_script("convert_imagenet_to_wds").main(
         ["--imagenet_dir", str(folder), "--output_dir", str(tmp_path / "shards"), "--splits", "train", "--maxcount", "4"]
     )
-    assert sorted(os.listdir(tmp_path / "shards")) == ["imagenet-train-0000.tar", "imagenet-train-0001.tar"]
-    pattern = str(tmp_path / "shards" / "imagenet-train-{0000..0001}.tar")
+    assert sorted(os.listdir(tmp_path / "shards" / "train")) == ["imagenet-train-0000.tar", "imagenet-train-0001.tar"]
+    pattern = str(tmp_path / "shards" / "train" / "imagenet-train-{0000..0001}.tar")
     config = load_config(TOY, SMALL + [f"dataset.params.train_shards_path_or_url={pattern}", "dataset.name=imagenet",
                                        "training.per_gpu_batch_size=3", "dataset.params.shuffle_buffer_size=2"])
     from utils.data import shard_loader

@@ -66,7 +66,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_outputs_load_with_from_pretrained(tmp_path):
-    run(tmp_path, "training.max_train_steps=2", "experiment.keep_last_checkpoints=1", "experiment.save_every=1")
+    run(tmp_path, "training.max_train_steps=2", "experiment.keep_last_checkpoints=1", "experiment.save_every=1",
+        "experiment.tracker=tensorboard", "experiment.generate_every=2")
     config = load_config(TOY, TINY)
     model = ReAR.from_pretrained(config, str(tmp_path / "generator.safetensors"))
     exported = load_file(tmp_path / "generator.safetensors")
@@ -76,6 +77,14 @@ def test_outputs_load_with_from_pretrained(tmp_path):
     assert (tmp_path / "samples" / "final.png").is_file()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["toy_num_samples"] == 10
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "logs")).Reload()
+    assert set(events.Tags()["scalars"]) == {"loss", "ce", "encode_alignment", "decode_alignment", "token_accuracy",
+                                             "grad_norm", "noise_rate", "lr", "epoch", "data_pass", "samples_per_second"}
+    assert [e.step for e in events.Scalars("loss")] == [2]
+    assert events.Scalars("epoch")[0].value == pytest.approx(2 * 8 / 10_000)
+    assert events.Tags()["images"] == ["samples"]
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
@@ -96,9 +105,10 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, 
     assert not (tmp_path / "generator.safetensors").exists()
 
 
-def test_two_processes_equal_one_with_the_global_batch(tmp_path):
-    """DDP over 2 gloo processes with batch 4 each = 1 process with batch 8: same data, averaged gradients,
-    and the lr schedule counted in optimizer steps (with the noise, class and weight dropout off)."""
+def test_two_processes_and_accumulation_equal_one_process_with_the_global_batch(tmp_path):
+    """DDP over 2 gloo processes with batch 4 each, and 1 process accumulating 2 micro-batches of 4, both equal
+    1 process with batch 8: same data, averaged gradients, and the lr schedule counted in optimizer steps
+    (with the noise, class and weight dropout off)."""
     deterministic = ["model.generator.perturb_mode=none", "model.generator.class_label_dropout=0.0",
                      "training.max_train_steps=4", "lr_scheduler.params.warmup_steps=2", "experiment.save_every=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -108,12 +118,14 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path):
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     run(tmp_path / "one", *deterministic)
-    two = load_file(tmp_path / "two" / "generator.safetensors")
+    run(tmp_path / "accumulated", *deterministic, "training.per_gpu_batch_size=4", "training.gradient_accumulation_steps=2")
     one = load_file(tmp_path / "one" / "generator.safetensors")
     initial = ReAR(load_config(TOY, TINY)).state_dict()
-    assert not torch.allclose(two["lm_head.weight"], initial["lm_head.weight"])  # it did train
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], atol=2e-5, rtol=1e-4, msg=k)
+    assert not torch.allclose(one["lm_head.weight"], initial["lm_head.weight"])  # it did train
+    for other in ("two", "accumulated"):
+        weights = load_file(tmp_path / other / "generator.safetensors")
+        for k in one:
+            torch.testing.assert_close(weights[k], one[k], atol=2e-5, rtol=1e-4, msg=f"{other}: {k}")
     state = json.loads((tmp_path / "two/checkpoints/checkpoint-00000004/train_state.json").read_text())
     assert state["samples_seen"] == 4 * 8 and state["world_size"] == 2
     assert sorted(os.listdir(tmp_path / "two/checkpoints/checkpoint-00000004")).count("rng_state_1.pt") == 1

@@ -142,3 +142,73 @@ def test_non_finite_weights_are_never_written(tmp_path):
 
     assert torch.equal(load_file(path)["w"], torch.ones(2))
     assert os.listdir(tmp_path) == ["generator.safetensors"]
+
+
+def objective_setup(*overrides):
+    from modeling.tokenizers.toy import PatchKMeansTokenizer
+
+    config = load_config(None, TINY + ["model.vq_model.token_size=48", "model.generator.randomness_anneal_end=10",
+                                       "model.generator.dropout=0.0", "model.generator.attn_drop=0.0", *overrides])
+    torch.manual_seed(0)
+    model = ReAR(config).train()
+    tokenizer = PatchKMeansTokenizer(32, 4, 16)
+    tokenizer.codebook.data = torch.randn(32, 48)
+    tokens, class_ids = torch.randint(0, 32, (4, 16)), torch.tensor([0, 3, 5, 9])
+    return config, model, tokenizer, tokens, class_ids
+
+
+def test_objective_without_noise_is_the_plain_loss():
+    from modeling.losses import rear_loss
+    from utils.training import rear_objective
+
+    config, model, tokenizer, tokens, class_ids = objective_setup(
+        "model.generator.perturb_mode=none", "model.generator.class_label_dropout=0.0")
+    parts = rear_objective(model, tokenizer, tokens, class_ids, 0, config)
+    expected = rear_loss(model(tokens, class_ids), tokens, tokenizer.codebook[tokens], None, 1.0)
+    assert torch.equal(parts.loss, expected.loss) and torch.equal(parts.encode_alignment, expected.encode_alignment)
+
+
+def test_objective_noise_follows_r_of_step():
+    from utils.training import rear_objective
+
+    config, model, tokenizer, tokens, class_ids = objective_setup("model.generator.class_label_dropout=0.0")
+    clean = rear_objective(model, tokenizer, tokens, class_ids, 10, config)  # r(10) = 0: no noise, no draw
+    torch.manual_seed(1)
+    noisy = rear_objective(model, tokenizer, tokens, class_ids, 0, config)
+    assert not torch.equal(clean.loss, noisy.loss)
+    config_none, *_ = objective_setup("model.generator.class_label_dropout=0.0", "model.generator.perturb_mode=none")
+    torch.manual_seed(1)
+    assert torch.equal(rear_objective(model, tokenizer, tokens, class_ids, 0, config_none).loss, clean.loss)
+
+
+def test_rar_order_is_raster_once_r_reaches_zero():
+    from utils.training import rear_objective
+
+    rar = ["model.generator.order=random", "model.generator.perturb_mode=none", "model.generator.class_label_dropout=0.0"]
+    config, model, tokenizer, tokens, class_ids = objective_setup(*rar)
+    raster_config, *_ = objective_setup(*rar[1:])
+    raster = rear_objective(model, tokenizer, tokens, class_ids, 10, raster_config)
+    assert torch.equal(rear_objective(model, tokenizer, tokens, class_ids, 10, config).loss, raster.loss)
+    assert not torch.equal(rear_objective(model, tokenizer, tokens, class_ids, 0, config).loss, raster.loss)
+
+
+def test_rar_targets_and_features_follow_the_order(monkeypatch):
+    import utils.training as training
+
+    config, model, tokenizer, tokens, class_ids = objective_setup(
+        "model.generator.order=random", "model.generator.class_label_dropout=0.0")
+    order = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i)) for i in range(4)])
+    seen = {}
+    monkeypatch.setattr(training, "random_orders", lambda batch, length, ratio, device=None: order)
+    monkeypatch.setattr(training, "rear_loss", lambda output, targets, features, noise, weight: seen.update(
+        targets=targets, features=features, noise=noise, logits=output.logits))
+    torch.manual_seed(0)
+    training.rear_objective(model, tokenizer, tokens, class_ids, 0, config)
+    rows = torch.arange(4)[:, None]
+    assert torch.equal(seen["targets"], tokens[rows, order])
+    assert torch.equal(seen["features"], tokenizer.codebook[tokens[rows, order]])
+    torch.manual_seed(0)
+    training.drop_class_labels(class_ids, 0.0, 10)  # the same draws as the objective: labels, then noise
+    inputs, noise = training.noisy_context(tokens, 1.0, "switch", 32)
+    assert torch.equal(seen["noise"], noise[rows, order])
+    torch.testing.assert_close(seen["logits"], model(inputs, class_ids, orders=order).logits)
