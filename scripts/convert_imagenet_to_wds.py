@@ -49,7 +49,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     for split in args.splits:
         count = write_split(args.imagenet_dir, split, args.output_dir, args.maxcount, args.seed)
-        print(f"{split}: {count} images in {-(-count // args.maxcount)} shards under {os.path.join(args.output_dir, split)}")
+        shards = -(-count // args.maxcount)
+        print(f"{split}: {count} images in {shards} shards under {os.path.join(args.output_dir, split)}")
 
 
 if __name__ == "__main__":

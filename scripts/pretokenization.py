@@ -74,7 +74,9 @@ class ShardImages(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator:
         import webdataset as wds
 
-        samples = wds.DataPipeline(wds.SimpleShardList(self.shards), wds.tarfile_to_samples(), wds.to_tuple("jpg;png;jpeg;webp", "cls"))
+        samples = wds.DataPipeline(
+            wds.SimpleShardList(self.shards), wds.tarfile_to_samples(), wds.to_tuple("jpg;png;jpeg;webp", "cls")
+        )
         for index, (data, label) in enumerate(samples):
             if index >= self.skip:
                 yield crops(load_rgb(data), self.size, self.augment), int(label)

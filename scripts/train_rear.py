@@ -55,8 +55,7 @@ def main(argv=None) -> dict:
     config = config_from_cli(sys.argv[1:] if argv is None else argv)
     accelerator = make_accelerator(config)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    out = config.experiment.output_dir
-    t = config.training
+    out, t = config.experiment.output_dir, config.training
     if accelerator.is_main_process:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.yaml"), "w") as f:
@@ -67,7 +66,8 @@ def main(argv=None) -> dict:
     tokenizer = build_tokenizer(config).to(device)
     generator = ReAR(config).to(device)
     if config.experiment.init_weight:
-        load_checked(generator, load_state_dict_file(config.experiment.init_weight), config.experiment.init_weight)
+        init = config.experiment.init_weight
+        load_checked(generator, load_state_dict_file(init), f"experiment.init_weight {init}")
     with accelerator.main_process_first():  # the main process converts a JSONL file once; the others reuse it
         dataset = training_dataset(config, tokenizer)
     optimizer = build_optimizer(generator, config, device)
@@ -81,17 +81,21 @@ def main(argv=None) -> dict:
     state = read_train_state(checkpoint) if checkpoint else {"step": 0, "samples_seen": 0}
     step, samples_seen = state["step"], state["samples_seen"]
     data = iter(batches(config, dataset, rank, world, samples_seen, step))
-    if checkpoint is None or not load_checkpoint(checkpoint, rank, generator, optimizer, scheduler, ema, accelerator.scaler):
-        set_seed(t.seed + step, device_specific=True)  # a fresh run, or more processes than the checkpoint had
+    restored = checkpoint is not None and load_checkpoint(
+        checkpoint, rank, generator, optimizer, scheduler, ema, accelerator.scaler
+    )
+    if not restored:  # a fresh run, or more processes than the checkpoint had
+        set_seed(t.seed + step, device_specific=True)
     if checkpoint is not None:
         accelerator.print(f"resumed from {checkpoint} at step {step} ({samples_seen} samples)")
-    micro_batch = t.per_gpu_batch_size * world  # samples one micro-step consumes over all processes
 
     tracker = build_tracker(config, out, accelerator.is_main_process)
     window = MetricWindow(device)
     describe_run(accelerator, config, dataset, generator)
     progress = tqdm(total=t.max_train_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
-    last_log_time, last_log_step = time.time(), step
+    micro_batch = t.per_gpu_batch_size * world  # samples one micro-step consumes over all processes
+    max_grad_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
+    window_start = (time.time(), step)
 
     while step < t.max_train_steps:
         for micro in range(t.gradient_accumulation_steps):
@@ -102,7 +106,8 @@ def main(argv=None) -> dict:
                     parts = rear_objective(model, tokenizer, tokens, class_ids, step, config)
                 accelerator.backward(parts.loss / t.gradient_accumulation_steps)
             samples_seen += micro_batch
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -113,14 +118,17 @@ def main(argv=None) -> dict:
         progress.update(1)
 
         if step % config.experiment.log_every == 0 or step == t.max_train_steps:
-            metrics = read_metrics(accelerator, window, config, step, samples_seen, scheduler, dataset)
-            now = time.time()
-            metrics["samples_per_second"] = (step - last_log_step) * micro_batch * t.gradient_accumulation_steps / (now - last_log_time)
-            last_log_time, last_log_step = now, step
+            metrics = read_metrics(accelerator, window, config, step, samples_seen, lr, dataset)
+            metrics["samples_per_second"] = (
+                (step - window_start[1]) * micro_batch * t.gradient_accumulation_steps / (time.time() - window_start[0])
+            )
+            window_start = (time.time(), step)
             tracker.log(metrics, step)
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.3f}", lr=f"{metrics['lr']:.2e}")
-        if step % config.experiment.generate_every == 0 and accelerator.is_main_process:
-            sample_grid(generator, ema, tokenizer, config, device, step, tracker)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.3f}", lr=f"{lr:.2e}")
+        if step % config.experiment.generate_every == 0:
+            stop_if_non_finite(accelerator, window)
+            if accelerator.is_main_process:
+                sample_grid(sampling_model(generator, ema, config), tokenizer, config, step, tracker)
         if step % config.experiment.save_every == 0 or step == t.max_train_steps:
             stop_if_non_finite(accelerator, window)
             save(accelerator, config, step, samples_seen, generator, optimizer, scheduler, ema)
@@ -131,7 +139,7 @@ def main(argv=None) -> dict:
         final = ema.model_state_dict(generator) if ema is not None else generator.state_dict()
         save_weights(os.path.join(out, "generator.safetensors"), final)
         if config.dataset.name == "toy":
-            summary.update(evaluate_toy(generator, ema, tokenizer, config, device))
+            summary.update(evaluate_toy(sampling_model(generator, ema, config), tokenizer, config))
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     tracker.finish()
@@ -145,7 +153,8 @@ def describe_run(accelerator, config, dataset, generator) -> None:
     global_batch = t.per_gpu_batch_size * accelerator.num_processes * t.gradient_accumulation_steps
     accelerator.print(
         f"reAR training: {generator.num_parameters() / 1e6:.1f}M parameters, {accelerator.num_processes} processes "
-        f"on {accelerator.device.type}, global batch {global_batch}, {t.max_train_steps} steps, precision {t.mixed_precision}"
+        f"on {accelerator.device.type}, global batch {global_batch}, {t.max_train_steps} steps, "
+        f"precision {t.mixed_precision}"
     )
     if dataset is not None:
         passes = len(dataset) / config.experiment.max_train_examples
@@ -156,14 +165,14 @@ def describe_run(accelerator, config, dataset, generator) -> None:
         )
 
 
-def read_metrics(accelerator, window, config, step, samples_seen, scheduler, dataset) -> dict:
-    """Averages over the logging window and all processes (the only synchronisation of the loop)."""
+def read_metrics(accelerator, window, config, step, samples_seen, lr, dataset) -> dict:
+    """Averages over the logging window and all processes (the only synchronisation of the loop), and the
+    schedule values of the last update."""
     stop_if_non_finite(accelerator, window)
     g = config.model.generator
-    metrics = window.averages()
-    metrics = dict(zip(metrics, accelerator.reduce(torch.tensor(list(metrics.values()), device=accelerator.device), "mean").tolist()))
-    metrics["noise_rate"] = randomness_ratio(step, g.randomness_anneal_start, g.randomness_anneal_end)
-    metrics["lr"] = scheduler.get_last_lr()[0]
+    metrics = window.averages(lambda sums: accelerator.reduce(sums, "mean"))
+    metrics["noise_rate"] = randomness_ratio(step - 1, g.randomness_anneal_start, g.randomness_anneal_end)
+    metrics["lr"] = lr
     metrics["epoch"] = samples_seen / config.experiment.max_train_examples
     if dataset is not None:
         metrics["data_pass"] = samples_seen / len(dataset)
@@ -192,36 +201,38 @@ def save(accelerator, config, step, samples_seen, generator, optimizer, schedule
         prune_checkpoints(out, config.experiment.keep_last_checkpoints)
 
 
-def sample_grid(generator, ema, tokenizer, config, device, step, tracker) -> None:
-    """One sample for each of `training.num_generated_images` classes, from the EMA weights when there are some."""
-    model = generator
-    if ema is not None:
-        model = ReAR(config).to(device)
-        model.load_state_dict(ema.model_state_dict(generator))
-    classes = grid_classes(config.model.generator.condition_num_classes, config.training.num_generated_images).to(device)
-    images = generate_images(model, tokenizer, classes, config, seed=config.sampling.seed)
-    grid = image_grid(images, columns=len(classes))
+def sampling_model(generator, ema, config):
+    """The generator to sample from: the EMA weights in a copy when there are some."""
+    if ema is None:
+        return generator
+    model = ReAR(config).to(next(generator.parameters()).device)
+    model.load_state_dict(ema.model_state_dict(generator))
+    return model
+
+
+def sample_grid(model, tokenizer, config, step, tracker) -> None:
+    """One sample for each of `training.num_generated_images` classes, spread over the classes."""
+    num_classes, count = config.model.generator.condition_num_classes, config.training.num_generated_images
+    classes = grid_classes(num_classes, count).to(next(model.parameters()).device)
+    grid = image_grid(generate_images(model, tokenizer, classes, config, seed=config.sampling.seed), len(classes))
     save_png(grid, os.path.join(config.experiment.output_dir, "samples", f"step_{step:08d}.png"))
     tracker.log_image("samples", grid, step)
 
 
-def evaluate_toy(generator, ema, tokenizer, config, device) -> dict:
+def evaluate_toy(model, tokenizer, config) -> dict:
     """A row of samples per toy class, and the share a classifier of the toy classes assigns to the asked class."""
     out = config.experiment.output_dir
     save_weights(os.path.join(out, "tokenizer.safetensors"), tokenizer.state_dict())
-    model = generator
-    if ema is not None:
-        model = ReAR(config).to(device)
-        model.load_state_dict(ema.model_state_dict(generator))
     num_classes = config.model.generator.condition_num_classes
     per_class = max(config.sampling.num_samples // num_classes, 1)
-    class_ids = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+    class_ids = torch.arange(num_classes, device=next(model.parameters()).device).repeat_interleave(per_class)
     images = generate_images(model, tokenizer, class_ids, config, seed=config.sampling.seed)
     share = toy_class_share(images, class_ids, config)
-    save_png(image_grid(images, columns=per_class), os.path.join(out, "samples", "final.png"), scale=2)
+    grid_path = os.path.join(out, "samples", "final.png")
+    save_png(image_grid(images, columns=per_class), grid_path, scale=2)
     print(
         f"toy classifier: {share:.3f} of {len(class_ids)} samples show the requested class "
-        f"(chance {1 / num_classes:.2f}); grid: {os.path.join(out, 'samples', 'final.png')} (a row per class)"
+        f"(chance {1 / num_classes:.2f}); grid: {grid_path} (a row per class)"
     )
     return {"toy_class_share": share, "toy_num_samples": len(class_ids)}
 

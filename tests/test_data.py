@@ -133,7 +133,8 @@ def test_sampler_resumes_mid_stream_and_splits_the_global_batch():
 
 def checker_image(width, height):
     y, x = np.mgrid[:height, :width]
-    return Image.fromarray(np.stack([(x * 255 // width), (y * 255 // height), ((x // 7 + y // 5) % 2) * 255], -1).astype(np.uint8))
+    channels = [x * 255 // width, y * 255 // height, ((x // 7 + y // 5) % 2) * 255]
+    return Image.fromarray(np.stack(channels, -1).astype(np.uint8))
 
 
 def test_adm_center_crop_halves_with_box_then_bicubic():

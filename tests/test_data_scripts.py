@@ -80,7 +80,8 @@ def test_pretokenization_center_and_flip(folder, tmp_path):
 
 def test_shards_round_trip_and_train_on_the_fly(folder, tmp_path):
     load_script("convert_imagenet_to_wds").main(
-        ["--imagenet_dir", str(folder), "--output_dir", str(tmp_path / "shards"), "--splits", "train", "--maxcount", "4"]
+        ["--imagenet_dir", str(folder), "--output_dir", str(tmp_path / "shards"), "--splits", "train",
+         "--maxcount", "4"]
     )
     assert sorted(os.listdir(tmp_path / "shards" / "train")) == ["imagenet-train-0000.tar", "imagenet-train-0001.tar"]
     pattern = str(tmp_path / "shards" / "train" / "imagenet-train-{0000..0001}.tar")
@@ -97,7 +98,8 @@ def test_shards_round_trip_and_train_on_the_fly(folder, tmp_path):
     common = ["--augment", "center", "--batch_size", "4", "--num_workers", "0", f"config={TOY}", *SMALL]
     script.main(["--data", pattern, "--output", str(tmp_path / "a.jsonl"), *common])
     script.main(["--data", str(folder / "train"), "--output", str(tmp_path / "b.jsonl"), *common])
-    assert sorted((tmp_path / "a.jsonl").read_text().splitlines()) == sorted((tmp_path / "b.jsonl").read_text().splitlines())
+    from_shards, from_folder = ((tmp_path / name).read_text().splitlines() for name in ("a.jsonl", "b.jsonl"))
+    assert sorted(from_shards) == sorted(from_folder)
 
     train_rear = load_script("train_rear")
     torch.set_num_threads(1)

@@ -62,7 +62,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert not torch.equal(exported["lm_head.weight"], trained["lm_head.weight"])
     optim_a = torch.load(tmp_path / "straight/checkpoints/checkpoint-00000006/optimizer.pt", weights_only=True)
     optim_b = torch.load(tmp_path / "restarted/checkpoints/checkpoint-00000006/optimizer.pt", weights_only=True)
-    assert all(torch.equal(optim_a["state"][i]["exp_avg_sq"], optim_b["state"][i]["exp_avg_sq"]) for i in optim_a["state"])
+    for i in optim_a["state"]:
+        assert torch.equal(optim_a["state"][i]["exp_avg_sq"], optim_b["state"][i]["exp_avg_sq"])
 
 
 def test_outputs_load_with_from_pretrained(tmp_path):
@@ -80,8 +81,10 @@ def test_outputs_load_with_from_pretrained(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "logs")).Reload()
-    assert set(events.Tags()["scalars"]) == {"loss", "ce", "encode_alignment", "decode_alignment", "token_accuracy",
-                                             "grad_norm", "noise_rate", "lr", "epoch", "data_pass", "samples_per_second"}
+    assert set(events.Tags()["scalars"]) == {
+        "loss", "ce", "encode_alignment", "decode_alignment", "token_accuracy", "grad_norm", "noise_rate", "lr",
+        "epoch", "data_pass", "samples_per_second",
+    }
     assert [e.step for e in events.Scalars("loss")] == [2]
     assert events.Scalars("epoch")[0].value == pytest.approx(2 * 8 / 10_000)
     assert events.Tags()["images"] == ["samples"]
@@ -118,7 +121,8 @@ def test_two_processes_and_accumulation_equal_one_process_with_the_global_batch(
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     run(tmp_path / "one", *deterministic)
-    run(tmp_path / "accumulated", *deterministic, "training.per_gpu_batch_size=4", "training.gradient_accumulation_steps=2")
+    accumulate = ["training.per_gpu_batch_size=4", "training.gradient_accumulation_steps=2"]
+    run(tmp_path / "accumulated", *deterministic, *accumulate)
     one = load_file(tmp_path / "one" / "generator.safetensors")
     initial = ReAR(load_config(TOY, TINY)).state_dict()
     assert not torch.allclose(one["lm_head.weight"], initial["lm_head.weight"])  # it did train
@@ -134,7 +138,8 @@ def test_two_processes_and_accumulation_equal_one_process_with_the_global_batch(
 def test_toy_run_learns_the_classes(tmp_path):
     """A short toy run (the README command with a smaller model and fewer steps) must draw the class it is asked
     for far above chance (0.1): a broken loss, schedule, conditioning or sampler fails this."""
-    command = [sys.executable, str(ROOT / "scripts/train_rear.py"), f"config={TOY}", f"experiment.output_dir={tmp_path}",
+    command = [sys.executable, str(ROOT / "scripts/train_rear.py"), f"config={TOY}",
+               f"experiment.output_dir={tmp_path}",
                "training.max_train_steps=500", "model.generator.randomness_anneal_end=250",
                "optimizer.params.learning_rate=4e-3", "lr_scheduler.params.warmup_steps=50",
                "model.generator.hidden_size=64", "model.generator.num_hidden_layers=3",

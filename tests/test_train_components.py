@@ -23,7 +23,8 @@ from utils.config import load_config
 from utils.ema import EMA
 from utils.optim import build_optimizer, build_scheduler, learning_rate_at, param_groups
 
-TINY = ["model.generator.hidden_size=32", "model.generator.num_hidden_layers=2", "model.generator.num_attention_heads=2",
+TINY = ["model.generator.hidden_size=32", "model.generator.num_hidden_layers=2",
+        "model.generator.num_attention_heads=2",
         "model.generator.intermediate_size=64", "model.generator.image_seq_len=16", "model.generator.projection_dim=16",
         "model.generator.decode_align_layer_idx=1", "model.vq_model.codebook_size=32", "model.vq_model.token_size=8"]
 
@@ -121,7 +122,8 @@ def test_prune_keeps_the_newest(tmp_path):
     for step in (5, 100, 20, 7):
         save(tmp_path, step)
     prune_checkpoints(str(tmp_path), keep=2)
-    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["checkpoint-00000020", "checkpoint-00000100"]
+    kept = [os.path.basename(p) for p in list_checkpoints(str(tmp_path))]
+    assert kept == ["checkpoint-00000020", "checkpoint-00000100"]
 
 
 def test_rng_state_round_trip(tmp_path):
@@ -184,7 +186,8 @@ def test_objective_noise_follows_r_of_step():
 def test_rar_order_is_raster_once_r_reaches_zero():
     from utils.training import rear_objective
 
-    rar = ["model.generator.order=random", "model.generator.perturb_mode=none", "model.generator.class_label_dropout=0.0"]
+    rar = ["model.generator.order=random", "model.generator.perturb_mode=none",
+           "model.generator.class_label_dropout=0.0"]
     config, model, tokenizer, tokens, class_ids = objective_setup(*rar)
     raster_config, *_ = objective_setup(*rar[1:])
     raster = rear_objective(model, tokenizer, tokens, class_ids, 10, raster_config)

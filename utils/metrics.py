@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Callable, Dict
 
 import torch
 
@@ -34,8 +34,9 @@ class MetricWindow:
         """The first step with a non-finite loss or gradient, or -1."""
         return int(self.first_non_finite)
 
-    def averages(self) -> Dict[str, float]:
-        values = (self.sums / max(self.count, 1)).tolist()
+    def averages(self, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums) -> Dict[str, float]:
+        """The window's averages (after `reduce`, e.g. a mean over processes); starts a new window."""
+        values = (reduce(self.sums) / max(self.count, 1)).tolist()
         self.sums.zero_()
         self.count = 0
         return dict(zip(NAMES, values))

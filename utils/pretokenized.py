@@ -52,7 +52,8 @@ def parse_line(line: bytes, path: str, line_number: int, seq_len: Optional[int])
         record = json.loads(line)
         class_id, tokens = record["class_id"], np.asarray(record["tokens"]).reshape(-1)
     except (ValueError, KeyError, TypeError) as err:  # bad JSON or UTF-8, missing keys, ragged nested lists
-        raise DataError(f"{where}: corrupt line, expected {{\"class_id\": int, \"tokens\": [int, ...]}} ({err})") from None
+        expected = '{"class_id": int, "tokens": [int, ...]}'
+        raise DataError(f"{where}: corrupt line, expected {expected} ({err})") from None
     if not isinstance(class_id, int) or isinstance(class_id, bool) or class_id < 0:
         raise DataError(f"{where}: class_id must be a non-negative integer, got {class_id!r}")
     if tokens.dtype.kind not in "iu":
@@ -96,7 +97,8 @@ def write_arrays(path: str, tmp: str) -> Dict:
             cls_out.write(np.asarray(classes_chunk, dtype=np.int32).tobytes())
             tokens_chunk.clear(), classes_chunk.clear()
 
-        progress = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=f"converting {os.path.basename(path)}")
+        name = os.path.basename(path)
+        progress = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=f"converting {name}")
         for line_number, line in enumerate(src, 1):
             progress.update(len(line))
             if not line.strip():

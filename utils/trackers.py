@@ -50,7 +50,7 @@ class WandbTracker(NullTracker):
         try:
             import wandb
         except ImportError:
-            raise ImportError("experiment.tracker=wandb needs `pip install wandb` (or use tensorboard / none)") from None
+            raise ImportError("experiment.tracker=wandb needs `pip install wandb` (or tensorboard / none)") from None
         id_file = os.path.join(output_dir, "wandb_run_id")
         run_id = open(id_file).read().strip() if os.path.isfile(id_file) else wandb.util.generate_id()
         with open(id_file, "w") as f:

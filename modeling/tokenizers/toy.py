@@ -70,7 +70,8 @@ class PatchKMeansTokenizer(nn.Module):
     def get_quantized_states(self, tokens: Tensor) -> Tensor:
         """Tokens (B, N) → their codebook vectors (B, N, token_size)."""
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.codebook_size):
-            raise ValueError(f"token ids must be in [0, {self.codebook_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+            low, high = int(tokens.min()), int(tokens.max())
+            raise ValueError(f"token ids must be in [0, {self.codebook_size}), got [{low}, {high}]")
         return F.embedding(tokens, self.codebook)
 
     @torch.no_grad()
