@@ -110,3 +110,24 @@ def test_shards_round_trip_and_train_on_the_fly(folder, tmp_path):
                                "model.generator.num_attention_heads=2", "model.generator.decode_align_layer_idx=1",
                                f"experiment.output_dir={tmp_path / 'run'}"])
     assert summary["step"] == 2 and (tmp_path / "run" / "generator.safetensors").is_file()
+
+
+def test_pretokenization_on_two_processes_merges_their_parts(folder, tmp_path):
+    """torchrun with 2 (gloo) processes: each writes its share, rank 0 merges; same lines as one process."""
+    import subprocess
+    import sys
+
+    common = ["--data", str(folder / "train"), "--augment", "flip", "--batch_size", "2", "--num_workers", "0",
+              f"config={TOY}", *SMALL]
+    load_script("pretokenization").main(["--output", str(tmp_path / "one.jsonl"), *common])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+         str(ROOT / "scripts/pretokenization.py"), "--output", str(tmp_path / "two.jsonl"), *common],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = ((tmp_path / name).read_text().splitlines() for name in ("one.jsonl", "two.jsonl"))
+    assert len(two) == 12 and sorted(two) == sorted(one)
+    assert two != one  # rank 0's images (every other one) first: the parts were really split
+    assert sorted(os.listdir(tmp_path)) == ["one.jsonl", "two.jsonl"]
