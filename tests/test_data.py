@@ -155,3 +155,12 @@ def test_ten_crops_equal_torchvision_ten_crop():
     reference = TF.ten_crop(center_crop_arr(image, int(64 * 1.1)), 64)
     assert len(ours) == 10
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, reference))
+
+
+def test_shard_labels_beyond_the_model_are_errors():
+    from utils.data import as_batch
+
+    batch = as_batch((torch.zeros(2, 3, 4, 4), [3, 9]), num_classes=10)
+    assert batch["class_ids"].tolist() == [3, 9] and batch["images"].shape == (2, 3, 4, 4)
+    with pytest.raises(DataError, match=r"class id 12, outside \[0, 10\)"):
+        as_batch((torch.zeros(2, 3, 4, 4), [3, 12]), num_classes=10)

@@ -13,13 +13,14 @@ optimizer step takes the next global batch of the stream; process r reads its r-
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Dict, Iterator, List
 
 import torch
 from torch.utils.data import DataLoader
 
 from utils.images import center_crop_arr, load_rgb, random_flip, to_tensor
-from utils.pretokenized import TokenDataset, open_pretokenized
+from utils.pretokenized import DataError, TokenDataset, open_pretokenized
 from utils.toy_data import toy_images
 
 
@@ -141,11 +142,15 @@ def shard_loader(config, step: int) -> DataLoader:
     )
 
 
-def as_batch(batch) -> Dict[str, torch.Tensor]:
+def as_batch(batch, num_classes: int) -> Dict[str, torch.Tensor]:
+    """Token batches as they are; image batches from shards as a dict, their labels checked (on the host)."""
     if isinstance(batch, dict):
         return batch
     images, class_ids = batch
-    return {"images": images, "class_ids": torch.as_tensor(class_ids)}
+    class_ids = torch.as_tensor(class_ids)
+    if int(class_ids.max()) >= num_classes or int(class_ids.min()) < 0:
+        raise DataError(f"a training shard holds class id {int(class_ids.max())}, outside [0, {num_classes})")
+    return {"images": images, "class_ids": class_ids}
 
 
 def training_dataset(config, tokenizer) -> TokenDataset | None:
@@ -174,4 +179,4 @@ def batches(config, dataset: TokenDataset | None, rank: int, world_size: int, sa
         if dataset is None
         else token_loader(dataset, config, rank, world_size, samples_seen)
     )
-    return map(as_batch, loader)
+    return map(partial(as_batch, num_classes=config.model.generator.condition_num_classes), loader)

@@ -80,7 +80,8 @@ def convert_jsonl(path: str, directory: str) -> None:
         os.rename(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not os.path.isdir(directory):  # else another process finished the same conversion first
+            raise
 
 
 def write_arrays(path: str, tmp: str) -> Dict:
