@@ -1,9 +1,13 @@
 import json
+import os
 from pathlib import Path
 
-import pytest
-import torch
-from safetensors.torch import load_file
+# Spinning OpenMP waiters make small CPU ops 10-50x slower when anything else shares the cores; set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
