@@ -37,6 +37,8 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class KVCache:
     """Keys and values of one attention layer, pre-allocated for the whole sequence and filled in place."""
 
+    attn_mask: Optional[Tensor] = None  # holds exactly the positions seen so far: nothing to hide
+
     def __init__(self, max_len: int):
         self.max_len = max_len
         self.length = 0
@@ -79,9 +81,11 @@ class Attention(nn.Module):
             k, v = cache.append(k, v)
         if L > 1 and k.shape[2] != L:
             raise ValueError("several new positions can only be processed from an empty cache")
-        # Causal among the new positions; a single new position sees the whole cached prefix.
+        # Causal among the new positions; a single new position sees the whole cached prefix. A cache of fixed
+        # length (modeling/fast_sampler.py) masks out the positions not written yet.
         x = F.scaled_dot_product_attention(
-            q, k, v, is_causal=L > 1, dropout_p=self.attn_drop if self.training else 0.0
+            q, k, v, attn_mask=None if cache is None else cache.attn_mask, is_causal=L > 1,
+            dropout_p=self.attn_drop if self.training else 0.0,
         )
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, L, D)))
 
@@ -111,7 +115,12 @@ class Block(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: Tensor, c: Tensor, cache: Optional[KVCache] = None) -> Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        return self.modulated_forward(x, self.adaLN_modulation(c), cache)
+
+    def modulated_forward(self, x: Tensor, modulation: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        """The block given its adaLN modulation (…, 6D), which depends only on the condition c: the fast
+        sampler computes it once per class and position."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cache)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -126,7 +135,10 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        scale, shift = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.modulated_forward(x, self.adaLN_modulation(c))
+
+    def modulated_forward(self, x: Tensor, modulation: Tensor) -> Tensor:
+        scale, shift = modulation.chunk(2, dim=-1)
         return modulate(self.norm_final(x), shift, scale)
 
 

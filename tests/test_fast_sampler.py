@@ -1,0 +1,157 @@
+"""The fast paths against the plain ones, on a CPU in float32: the fast sampler draws the plain sampler's tokens,
+the training forward without a dense mask (and with activation checkpointing) gives the same logits, loss and
+gradients."""
+
+import pytest
+import torch
+
+from conftest import prefixed
+from modeling.fast_sampler import FastSampler, decode_in_batches
+from modeling.losses import noisy_context, rear_loss
+from modeling.rear import ReAR, cfg_scale_at
+from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN
+from test_benchmark import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def tiny(golden):
+    meta, tensors = golden
+    model = ReAR(meta["generator_config"])
+    model.load_state_dict(prefixed(tensors, "generator."), strict=True)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_reproduces_original_tokens(tiny, golden, index):
+    meta, t = golden
+    settings = meta["generate_settings"][index]
+    sampler = FastSampler(tiny, batch_size=3, guidance=settings["guidance_scale"] != 0)
+    torch.manual_seed(settings["seed"])
+    tokens = sampler.generate(
+        t["input.class_ids"],
+        guidance_scale=settings["guidance_scale"],
+        guidance_scale_pow=settings["guidance_scale_pow"],
+        temperature=settings["temperature"],
+    )
+    assert tokens.dtype == torch.long
+    assert torch.equal(tokens, t[f"expected.generate_{index}"])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(guidance_scale=3.0, guidance_scale_pow=1.0, temperature=1.0),
+        dict(guidance_scale=0.0, guidance_scale_pow=1.0, temperature=1.0),
+        dict(guidance_scale=4.0, guidance_scale_pow=2.75, temperature=0.7),
+        dict(guidance_scale=4.0, guidance_scale_pow=2.75, temperature=1.0, top_k=5),
+        dict(guidance_scale=1.5, guidance_scale_pow=1.0, temperature=1.3, top_p=0.8),
+        dict(guidance_scale=0.0, guidance_scale_pow=1.0, temperature=1.0, top_k=8, top_p=0.9),
+    ],
+)
+def test_equals_plain_sampler_on_many_seeds(tiny, settings):
+    # One sampler for every seed: a call must not depend on what the previous one left in the cache.
+    sampler = FastSampler(tiny, batch_size=10, guidance=settings["guidance_scale"] != 0)
+    classes = torch.arange(10)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        fast = sampler.generate(classes, **settings)
+        fast_state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        plain = tiny.generate(classes, **settings, kv_cache=False)
+        assert torch.equal(fast, plain), f"seed {seed}"
+        assert torch.equal(fast_state, torch.get_rng_state())  # the same draws, so the stream stays in step
+
+
+def test_greedy_tokens_are_the_argmax_of_teacher_forced_guided_logits(tiny):
+    classes = torch.tensor([0, 5, 9])
+    tokens = FastSampler(tiny, batch_size=3).generate(classes, 3.0, 1.0, top_k=1)
+    cond = tiny(tokens, classes).logits
+    uncond = tiny(tokens, torch.full_like(classes, tiny.null_class)).logits
+    scales = torch.cat([cfg_scale_at(step, 16, 3.0, 1.0) for step in range(16)])
+    assert torch.equal(tokens, (uncond + (cond - uncond) * scales[:, None]).argmax(-1))
+
+
+def test_bf16_runs_on_a_copy(tiny):
+    sampler = FastSampler(tiny, batch_size=4, dtype=torch.bfloat16)
+    classes = torch.tensor([0, 3, 3, 9])
+    torch.manual_seed(0)
+    first = sampler.generate(classes, 4.0, 2.75)
+    torch.manual_seed(0)
+    assert torch.equal(sampler.generate(classes, 4.0, 2.75), first)
+    assert first.shape == (4, 16) and 0 <= int(first.min()) and int(first.max()) < 32
+    assert sampler.model is not tiny and sampler.model.lm_head.weight.dtype == torch.bfloat16
+    assert tiny.lm_head.weight.dtype == torch.float32
+
+
+def test_refuses_what_its_buffers_do_not_fit(tiny):
+    sampler = FastSampler(tiny, batch_size=2)
+    with pytest.raises(ValueError, match="batches of 2"):
+        sampler.generate(torch.tensor([1, 2, 3]), 4.0, 1.0)
+    with pytest.raises(ValueError, match="guidance=False"):
+        sampler.generate(torch.tensor([1, 2]), 0.0, 1.0)
+    with pytest.raises(ValueError, match="class id out of range"):
+        sampler.generate(torch.tensor([1, 11]), 4.0, 1.0)
+    tiny.train()
+    try:
+        with pytest.raises(ValueError, match="training mode"):
+            sampler.generate(torch.tensor([1, 2]), 4.0, 1.0)
+    finally:
+        tiny.eval()
+
+
+def test_decode_in_batches_equals_one_decode(golden):
+    meta, t = golden
+    vqgan = MaskGITVQGAN(meta["vqgan_config"])
+    vqgan.load_state_dict(prefixed(t, "vqgan."), strict=True)
+    tokens = t["vqgan_expected.tokens"]
+    torch.testing.assert_close(decode_in_batches(vqgan, tokens, 1), t["vqgan_expected.decoded"], atol=1e-5, rtol=1e-5)
+    tokens = torch.cat([tokens, tokens[:1].flip(1)])  # three rows: batches of 2 leave a remainder
+    torch.testing.assert_close(decode_in_batches(vqgan, tokens, 2), vqgan.decode_tokens(tokens), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- training
+def loss_and_gradients(model, golden, seed=0):
+    _, t = golden
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    tokens = t["input.tokens"]
+    inputs, noise = noisy_context(tokens, 0.5, "switch", model.codebook_size)
+    output = model(inputs, t["input.class_ids"])
+    loss = rear_loss(output, tokens, t["loss_input.features"], noise).loss
+    loss.backward()
+    return output.logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_dense_float_mask_equals_is_causal(tiny, golden):
+    dense_mask_attention = load_benchmark().dense_mask_attention
+    logits, loss, grads = loss_and_gradients(tiny, golden)
+    with dense_mask_attention():
+        dense_logits, dense_loss, dense_grads = loss_and_gradients(tiny, golden)
+    torch.testing.assert_close(dense_logits, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense_loss, loss, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dense_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_dense_float_mask_really_masks(tiny, golden):
+    # Without a mask at all the logits would change: the emulation must put the causal mask back.
+    _, t = golden
+    dense_mask_attention = load_benchmark().dense_mask_attention
+    with dense_mask_attention():
+        dense = tiny(t["input.tokens"], t["input.class_ids"]).logits
+    torch.testing.assert_close(dense, t["expected.logits"], atol=2e-5, rtol=1e-5)
+
+
+def test_activation_checkpointing_gives_identical_loss_and_gradients(tiny, golden):
+    tiny.train()  # dropout on: checkpointing must replay the same dropout masks
+    try:
+        _, loss, grads = loss_and_gradients(tiny, golden)
+        tiny.use_checkpoint = True
+        _, checkpointed_loss, checkpointed_grads = loss_and_gradients(tiny, golden)
+    finally:
+        tiny.use_checkpoint = False
+        tiny.eval()
+    assert torch.equal(checkpointed_loss, loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=0, rtol=0, msg=name)
