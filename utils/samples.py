@@ -10,21 +10,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from utils.sampling import SamplingOptions, generate_tokens
 from utils.toy_data import ToyClassifier, toy_images
-
-
-def sampling_settings(config) -> dict:
-    """Guidance and temperature: `sampling.*` where set, else the model's defaults."""
-    s, g = config.sampling, config.model.generator
-    pick = lambda value, default: default if value is None else value  # noqa: E731
-    return {
-        "guidance_scale": pick(s.guidance_scale, g.guidance_scale),
-        "guidance_scale_pow": pick(s.guidance_scale_pow, g.guidance_scale_pow),
-        "temperature": pick(s.temperature, g.randomize_temperature),
-        "top_k": s.top_k,
-        "top_p": s.top_p,
-        "kv_cache": g.kv_cache,
-    }
 
 
 @torch.no_grad()
@@ -35,12 +22,13 @@ def generate_images(generator, tokenizer, class_ids: Tensor, config, seed: int, 
     so an exact resume) untouched.
     """
     devices = [class_ids.device] if class_ids.device.type == "cuda" else []
+    options = SamplingOptions.from_config(config)
     was_training = generator.training
     generator.eval()
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         images = [
-            tokenizer.decode_tokens(generator.generate(chunk, **sampling_settings(config))).float()
+            tokenizer.decode_tokens(generate_tokens(generator, chunk, options)).float()
             for chunk in class_ids.split(batch_size)
         ]
     generator.train(was_training)
