@@ -20,6 +20,17 @@ def golden():
     return meta, tensors
 
 
+@pytest.fixture
+def golden_generator(golden):
+    """The golden fixture's tiny reAR, in eval mode (a fresh copy for each test)."""
+    from modeling.rear import ReAR
+
+    meta, tensors = golden
+    model = ReAR(meta["generator_config"])
+    model.load_state_dict(prefixed(tensors, "generator."), strict=True)
+    return model.eval()
+
+
 def prefixed(tensors, prefix):
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 

@@ -13,20 +13,12 @@ from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN
 from test_benchmark import load_benchmark
 
 
-@pytest.fixture(scope="module")
-def tiny(golden):
-    meta, tensors = golden
-    model = ReAR(meta["generator_config"])
-    model.load_state_dict(prefixed(tensors, "generator."), strict=True)
-    return model.eval()
-
-
 # ----------------------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("index", [0, 1, 2])
-def test_reproduces_original_tokens(tiny, golden, index):
+def test_reproduces_original_tokens(golden_generator, golden, index):
     meta, t = golden
     settings = meta["generate_settings"][index]
-    sampler = FastSampler(tiny, batch_size=3, guidance=settings["guidance_scale"] != 0)
+    sampler = FastSampler(golden_generator, batch_size=3, guidance=settings["guidance_scale"] != 0)
     torch.manual_seed(settings["seed"])
     tokens = sampler.generate(
         t["input.class_ids"],
@@ -49,55 +41,55 @@ def test_reproduces_original_tokens(tiny, golden, index):
         dict(guidance_scale=0.0, guidance_scale_pow=1.0, temperature=1.0, top_k=8, top_p=0.9),
     ],
 )
-def test_equals_plain_sampler_on_many_seeds(tiny, settings):
+def test_equals_plain_sampler_on_many_seeds(golden_generator, settings):
     # One sampler for every seed: a call must not depend on what the previous one left in the cache.
-    sampler = FastSampler(tiny, batch_size=10, guidance=settings["guidance_scale"] != 0)
+    sampler = FastSampler(golden_generator, batch_size=10, guidance=settings["guidance_scale"] != 0)
     classes = torch.arange(10)
     for seed in range(4):
         torch.manual_seed(seed)
         fast = sampler.generate(classes, **settings)
         fast_state = torch.get_rng_state()
         torch.manual_seed(seed)
-        plain = tiny.generate(classes, **settings, kv_cache=False)
+        plain = golden_generator.generate(classes, **settings, kv_cache=False)
         assert torch.equal(fast, plain), f"seed {seed}"
         assert torch.equal(fast_state, torch.get_rng_state())  # the same draws, so the stream stays in step
 
 
-def test_greedy_tokens_are_the_argmax_of_teacher_forced_guided_logits(tiny):
+def test_greedy_tokens_are_the_argmax_of_teacher_forced_guided_logits(golden_generator):
     classes = torch.tensor([0, 5, 9])
-    tokens = FastSampler(tiny, batch_size=3).generate(classes, 3.0, 1.0, top_k=1)
-    cond = tiny(tokens, classes).logits
-    uncond = tiny(tokens, torch.full_like(classes, tiny.null_class)).logits
+    tokens = FastSampler(golden_generator, batch_size=3).generate(classes, 3.0, 1.0, top_k=1)
+    cond = golden_generator(tokens, classes).logits
+    uncond = golden_generator(tokens, torch.full_like(classes, golden_generator.null_class)).logits
     scales = torch.cat([cfg_scale_at(step, 16, 3.0, 1.0) for step in range(16)])
     assert torch.equal(tokens, (uncond + (cond - uncond) * scales[:, None]).argmax(-1))
 
 
-def test_bf16_runs_on_a_copy(tiny):
-    sampler = FastSampler(tiny, batch_size=4, dtype=torch.bfloat16)
+def test_bf16_runs_on_a_copy(golden_generator):
+    sampler = FastSampler(golden_generator, batch_size=4, dtype=torch.bfloat16)
     classes = torch.tensor([0, 3, 3, 9])
     torch.manual_seed(0)
     first = sampler.generate(classes, 4.0, 2.75)
     torch.manual_seed(0)
     assert torch.equal(sampler.generate(classes, 4.0, 2.75), first)
     assert first.shape == (4, 16) and 0 <= int(first.min()) and int(first.max()) < 32
-    assert sampler.model is not tiny and sampler.model.lm_head.weight.dtype == torch.bfloat16
-    assert tiny.lm_head.weight.dtype == torch.float32
+    assert sampler.model is not golden_generator and sampler.model.lm_head.weight.dtype == torch.bfloat16
+    assert golden_generator.lm_head.weight.dtype == torch.float32
 
 
-def test_refuses_what_its_buffers_do_not_fit(tiny):
-    sampler = FastSampler(tiny, batch_size=2)
+def test_refuses_what_its_buffers_do_not_fit(golden_generator):
+    sampler = FastSampler(golden_generator, batch_size=2)
     with pytest.raises(ValueError, match="batches of 2"):
         sampler.generate(torch.tensor([1, 2, 3]), 4.0, 1.0)
     with pytest.raises(ValueError, match="guidance=False"):
         sampler.generate(torch.tensor([1, 2]), 0.0, 1.0)
     with pytest.raises(ValueError, match="class id out of range"):
         sampler.generate(torch.tensor([1, 11]), 4.0, 1.0)
-    tiny.train()
+    golden_generator.train()
     try:
         with pytest.raises(ValueError, match="training mode"):
             sampler.generate(torch.tensor([1, 2]), 4.0, 1.0)
     finally:
-        tiny.eval()
+        golden_generator.eval()
 
 
 def test_decode_in_batches_equals_one_decode(golden):
@@ -123,35 +115,35 @@ def loss_and_gradients(model, golden, seed=0):
     return output.logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_dense_float_mask_equals_is_causal(tiny, golden):
+def test_dense_float_mask_equals_is_causal(golden_generator, golden):
     dense_mask_attention = load_benchmark().dense_mask_attention
-    logits, loss, grads = loss_and_gradients(tiny, golden)
+    logits, loss, grads = loss_and_gradients(golden_generator, golden)
     with dense_mask_attention():
-        dense_logits, dense_loss, dense_grads = loss_and_gradients(tiny, golden)
+        dense_logits, dense_loss, dense_grads = loss_and_gradients(golden_generator, golden)
     torch.testing.assert_close(dense_logits, logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dense_loss, loss, atol=1e-6, rtol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(dense_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_dense_float_mask_really_masks(tiny, golden):
+def test_dense_float_mask_really_masks(golden_generator, golden):
     # Without a mask at all the logits would change: the emulation must put the causal mask back.
     _, t = golden
     dense_mask_attention = load_benchmark().dense_mask_attention
     with dense_mask_attention():
-        dense = tiny(t["input.tokens"], t["input.class_ids"]).logits
+        dense = golden_generator(t["input.tokens"], t["input.class_ids"]).logits
     torch.testing.assert_close(dense, t["expected.logits"], atol=2e-5, rtol=1e-5)
 
 
-def test_activation_checkpointing_gives_identical_loss_and_gradients(tiny, golden):
-    tiny.train()  # dropout on: checkpointing must replay the same dropout masks
+def test_activation_checkpointing_gives_identical_loss_and_gradients(golden_generator, golden):
+    golden_generator.train()  # dropout on: checkpointing must replay the same dropout masks
     try:
-        _, loss, grads = loss_and_gradients(tiny, golden)
-        tiny.use_checkpoint = True
-        _, checkpointed_loss, checkpointed_grads = loss_and_gradients(tiny, golden)
+        _, loss, grads = loss_and_gradients(golden_generator, golden)
+        golden_generator.use_checkpoint = True
+        _, checkpointed_loss, checkpointed_grads = loss_and_gradients(golden_generator, golden)
     finally:
-        tiny.use_checkpoint = False
-        tiny.eval()
+        golden_generator.use_checkpoint = False
+        golden_generator.eval()
     assert torch.equal(checkpointed_loss, loss)
     for name, grad in grads.items():
         torch.testing.assert_close(checkpointed_grads[name], grad, atol=0, rtol=0, msg=name)

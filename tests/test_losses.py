@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from conftest import prefixed
 from modeling.losses import (
     alignment_loss,
     drop_class_labels,
@@ -12,14 +11,11 @@ from modeling.losses import (
     randomness_ratio,
     rear_loss,
 )
-from modeling.rear import ReAR
 
 
-def test_loss_matches_original(golden):
-    meta, t = golden
-    model = ReAR(meta["generator_config"])
-    model.load_state_dict(prefixed(t, "generator."), strict=True)
-    out = model.eval()(t["input.tokens"], t["input.class_ids"])
+def test_loss_matches_original(golden, golden_generator):
+    _, t = golden
+    out = golden_generator(t["input.tokens"], t["input.class_ids"])
     parts = rear_loss(out, t["input.tokens"], t["loss_input.features"], t["loss_input.noise_mask"].bool(), 1.0)
     torch.testing.assert_close(parts.ce, t["expected.ar_loss"][0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(parts.encode_alignment + parts.decode_alignment, t["expected.proj_loss"][0], atol=1e-6, rtol=1e-5)
@@ -27,11 +23,9 @@ def test_loss_matches_original(golden):
     assert parts.accuracy.item() == pytest.approx((out.logits.argmax(-1) == t["input.tokens"]).float().mean().item())
 
 
-def test_alignment_weight_scales_only_the_alignment_terms(golden):
-    meta, t = golden
-    model = ReAR(meta["generator_config"])
-    model.load_state_dict(prefixed(t, "generator."), strict=True)
-    out = model.eval()(t["input.tokens"], t["input.class_ids"])
+def test_alignment_weight_scales_only_the_alignment_terms(golden, golden_generator):
+    _, t = golden
+    out = golden_generator(t["input.tokens"], t["input.class_ids"])
     parts = rear_loss(out, t["input.tokens"], t["loss_input.features"], None, 0.5)
     expected = parts.ce + 0.5 * (parts.encode_alignment + parts.decode_alignment)
     torch.testing.assert_close(parts.loss, expected)
@@ -103,11 +97,9 @@ def test_random_orders_are_permutations_and_raster_after_window():
     assert shuffled == pytest.approx(0.5, abs=0.03)
 
 
-def test_random_order_forward_permutes_positions_consistently(golden):
-    meta, t = golden
-    model = ReAR(meta["generator_config"])
-    model.load_state_dict(prefixed(t, "generator."), strict=True)
-    model.eval()
+def test_random_order_forward_permutes_positions_consistently(golden, golden_generator):
+    _, t = golden
+    model = golden_generator
     tokens, classes = t["input.tokens"], t["input.class_ids"]
     raster = torch.arange(16).expand(3, 16)
     torch.testing.assert_close(model(tokens, classes, orders=raster).logits, t["expected.logits"], atol=2e-5, rtol=1e-5)

@@ -6,47 +6,39 @@ import pytest
 import torch
 
 from modeling.rear import ReAR, cfg_scale_at, filter_logits
-from conftest import FIXTURES, prefixed
+from conftest import FIXTURES
 from utils.config import load_config
 
 CONFIGS = FIXTURES.parent.parent / "configs"
 
 
-@pytest.fixture(scope="module")
-def tiny(golden):
-    meta, tensors = golden
-    model = ReAR(meta["generator_config"])
-    model.load_state_dict(prefixed(tensors, "generator."), strict=True)
-    return model.eval()
-
-
-def test_logits_match_original(tiny, golden):
+def test_logits_match_original(golden_generator, golden):
     _, t = golden
-    out = tiny(t["input.tokens"], t["input.class_ids"])
+    out = golden_generator(t["input.tokens"], t["input.class_ids"])
     assert out.logits.shape == (3, 16, 32)
     torch.testing.assert_close(out.logits, t["expected.logits"], atol=2e-5, rtol=1e-5)
 
 
-def test_null_class_logits_match_original(tiny, golden):
+def test_null_class_logits_match_original(golden_generator, golden):
     _, t = golden
-    null = torch.full_like(t["input.class_ids"], tiny.null_class)
-    torch.testing.assert_close(tiny(t["input.tokens"], null).logits, t["expected.logits_null_class"], atol=2e-5, rtol=1e-5)
+    null = torch.full_like(t["input.class_ids"], golden_generator.null_class)
+    torch.testing.assert_close(golden_generator(t["input.tokens"], null).logits, t["expected.logits_null_class"], atol=2e-5, rtol=1e-5)
 
 
-def test_alignment_heads_match_original(tiny, golden):
+def test_alignment_heads_match_original(golden_generator, golden):
     _, t = golden
-    out = tiny(t["input.tokens"], t["input.class_ids"])
+    out = golden_generator(t["input.tokens"], t["input.class_ids"])
     torch.testing.assert_close(out.encode_z, t["expected.encode_z"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.decode_z, t["expected.decode_z"], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
 @pytest.mark.parametrize("kv_cache", [True, False])
-def test_generate_reproduces_original_tokens(tiny, golden, index, kv_cache):
+def test_generate_reproduces_original_tokens(golden_generator, golden, index, kv_cache):
     meta, t = golden
     settings = meta["generate_settings"][index]
     torch.manual_seed(settings["seed"])
-    tokens = tiny.generate(
+    tokens = golden_generator.generate(
         t["input.class_ids"],
         guidance_scale=settings["guidance_scale"],
         guidance_scale_pow=settings["guidance_scale_pow"],
@@ -57,21 +49,21 @@ def test_generate_reproduces_original_tokens(tiny, golden, index, kv_cache):
     assert torch.equal(tokens, t[f"expected.generate_{index}"])
 
 
-def test_kv_cache_equals_recomputation_on_many_seeds(tiny):
+def test_kv_cache_equals_recomputation_on_many_seeds(golden_generator):
     classes = torch.arange(10)
     for seed in range(5):
         torch.manual_seed(seed)
-        cached = tiny.generate(classes, 3.0, 1.0, 1.0, kv_cache=True)
+        cached = golden_generator.generate(classes, 3.0, 1.0, 1.0, kv_cache=True)
         torch.manual_seed(seed)
-        plain = tiny.generate(classes, 3.0, 1.0, 1.0, kv_cache=False)
+        plain = golden_generator.generate(classes, 3.0, 1.0, 1.0, kv_cache=False)
         assert torch.equal(cached, plain)
 
 
-def test_top_k_one_is_greedy(tiny):
+def test_top_k_one_is_greedy(golden_generator):
     classes = torch.tensor([0, 5])
-    tokens = tiny.generate(classes, 0.0, 1.0, 1.0, top_k=1)
+    tokens = golden_generator.generate(classes, 0.0, 1.0, 1.0, top_k=1)
     # greedy: every token is the argmax of the teacher-forced logits of its own prefix
-    logits = tiny(tokens, classes).logits
+    logits = golden_generator(tokens, classes).logits
     assert torch.equal(tokens, logits.argmax(-1))
 
 
@@ -104,23 +96,23 @@ def test_state_dict_matches_released_manifest(name):
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == manifest
 
 
-def test_rar_checkpoint_loads_with_alignment_off(tmp_path, tiny):
+def test_rar_checkpoint_loads_with_alignment_off(tmp_path, golden_generator):
     from safetensors.torch import save_file
 
-    rar_state = {k: v for k, v in tiny.state_dict().items() if "align_mlp" not in k}
+    rar_state = {k: v for k, v in golden_generator.state_dict().items() if "align_mlp" not in k}
     save_file(rar_state, str(tmp_path / "rar.safetensors"))
     config = load_config(str(CONFIGS / "rear_tiny.yaml"), ["model.generator.transition_alignment=False"])
     model = ReAR.from_pretrained(config, str(tmp_path / "rar.safetensors"))
     assert not hasattr(model, "encode_align_mlp")
     t = torch.randint(0, 32, (2, 16))
     c = torch.tensor([1, 2])
-    torch.testing.assert_close(model(t, c).logits, tiny(t, c).logits)
+    torch.testing.assert_close(model(t, c).logits, golden_generator(t, c).logits)
     with pytest.raises(ValueError, match="missing key: encode_align_mlp.0.weight"):
         ReAR.from_pretrained(load_config(str(CONFIGS / "rear_tiny.yaml")), str(tmp_path / "rar.safetensors"))
 
 
-def test_wrong_shape_checkpoint_names_the_key(tmp_path, tiny):
-    state = dict(tiny.state_dict())
+def test_wrong_shape_checkpoint_names_the_key(tmp_path, golden_generator):
+    state = dict(golden_generator.state_dict())
     state["lm_head.weight"] = torch.zeros(33, 64)
     torch.save(state, tmp_path / "bad.bin")
     with pytest.raises(ValueError, match=r"shape mismatch: lm_head.weight: checkpoint \(33, 64\) vs model \(32, 64\)"):
@@ -134,13 +126,13 @@ def test_missing_released_checkpoint_says_where_to_get_it(tmp_path, monkeypatch)
         ReAR.from_pretrained(config, str(tmp_path / "reAR-S.safetensors"))
 
 
-def test_out_of_range_ids_are_errors(tiny):
+def test_out_of_range_ids_are_errors(golden_generator):
     with pytest.raises(ValueError, match="token id out of range"):
-        tiny(torch.full((1, 16), 32), torch.tensor([0]))
+        golden_generator(torch.full((1, 16), 32), torch.tensor([0]))
     with pytest.raises(ValueError, match="class id out of range"):
-        tiny(torch.zeros(1, 16, dtype=torch.long), torch.tensor([11]))
+        golden_generator(torch.zeros(1, 16, dtype=torch.long), torch.tensor([11]))
     with pytest.raises(ValueError, match="class id out of range"):
-        tiny.generate(torch.tensor([-1]), 0.0, 1.0)
+        golden_generator.generate(torch.tensor([-1]), 0.0, 1.0)
 
 
 def test_init_follows_adaln_zero():
