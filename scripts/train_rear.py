@@ -10,6 +10,7 @@ for the toy data set, tokenizer.safetensors and samples/final.png with the class
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from modeling.losses import randomness_ratio  # noqa: E402
 from modeling.rear import ReAR  # noqa: E402
 from modeling.tokenizers import build_tokenizer  # noqa: E402
-from utils.checkpoint import load_checked, load_state_dict_file  # noqa: E402
+from utils.checkpoint import load_checked, load_state_dict_file, resolve_weights  # noqa: E402
 from utils.checkpointing import (  # noqa: E402
     NonFiniteError,
     latest_checkpoint,
@@ -44,7 +45,7 @@ from utils.checkpointing import (  # noqa: E402
 from utils.config import config_from_cli, to_yaml  # noqa: E402
 from utils.data import batches, training_dataset  # noqa: E402
 from utils.ema import EMA  # noqa: E402
-from utils.metrics import MetricWindow  # noqa: E402
+from utils.metrics import MetricWindow, mean_parts  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler  # noqa: E402
 from utils.samples import generate_images, grid_classes, image_grid, save_png, toy_class_share  # noqa: E402
 from utils.trackers import build_tracker  # noqa: E402
@@ -67,7 +68,7 @@ def main(argv=None) -> dict:
     generator = ReAR(config).to(device)
     if config.experiment.init_weight:
         init = config.experiment.init_weight
-        load_checked(generator, load_state_dict_file(init), f"experiment.init_weight {init}")
+        load_checked(generator, load_state_dict_file(resolve_weights(init)), f"experiment.init_weight {init}")
     with accelerator.main_process_first():  # the main process converts a JSONL file once; the others reuse it
         dataset = training_dataset(config, tokenizer)
     optimizer = build_optimizer(generator, config, device)
@@ -77,7 +78,13 @@ def main(argv=None) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # The data iterator is made before the random state is set (or restored): making it draws from it.
-    checkpoint = latest_checkpoint(out) if config.experiment.resume else None
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None and not config.experiment.resume:
+        # Pruning keeps the highest steps, so a fresh run here would delete its own checkpoints, not the old ones.
+        raise FileExistsError(
+            f"{out} already holds checkpoints (newest {checkpoint}) and experiment.resume is False: "
+            "choose another experiment.output_dir, or remove them"
+        )
     state = read_train_state(checkpoint) if checkpoint else {"step": 0, "samples_seen": 0}
     step, samples_seen = state["step"], state["samples_seen"]
     data = iter(batches(config, dataset, rank, world, samples_seen, step))
@@ -98,6 +105,7 @@ def main(argv=None) -> dict:
     window_start = (time.time(), step)
 
     while step < t.max_train_steps:
+        micro_parts = []
         for micro in range(t.gradient_accumulation_steps):
             tokens, class_ids = batch_tokens(next(data), tokenizer, device)
             last = micro == t.gradient_accumulation_steps - 1
@@ -105,6 +113,7 @@ def main(argv=None) -> dict:
                 with accelerator.autocast():
                     parts = rear_objective(model, tokenizer, tokens, class_ids, step, config)
                 accelerator.backward(parts.loss / t.gradient_accumulation_steps)
+            micro_parts.append(parts)
             samples_seen += micro_batch
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
@@ -114,7 +123,7 @@ def main(argv=None) -> dict:
         if ema is not None:
             ema.update(generator)
         step += 1
-        window.add(parts, grad_norm, step)
+        window.add(mean_parts(micro_parts), grad_norm, step)
         progress.update(1)
 
         if step % config.experiment.log_every == 0 or step == t.max_train_steps:
@@ -205,7 +214,7 @@ def sampling_model(generator, ema, config):
     """The generator to sample from: the EMA weights in a copy when there are some."""
     if ema is None:
         return generator
-    model = ReAR(config).to(next(generator.parameters()).device)
+    model = copy.deepcopy(generator)  # not ReAR(config): its random init would draw from the training stream
     model.load_state_dict(ema.model_state_dict(generator))
     return model
 

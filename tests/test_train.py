@@ -152,3 +152,12 @@ def test_toy_run_learns_the_classes(tmp_path):
     assert summary["toy_class_share"] >= 0.8, summary
     assert f"toy classifier: {summary['toy_class_share']:.3f} of 100 samples" in result.stdout
     assert (tmp_path / "samples" / "step_00000250.png").is_file() and (tmp_path / "samples" / "final.png").is_file()
+
+
+def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path):
+    run(tmp_path, "training.max_train_steps=1", "experiment.save_every=1", "experiment.generate_every=100")
+    before = load_file(tmp_path / "checkpoints/checkpoint-00000001/model.safetensors")
+    with pytest.raises(FileExistsError, match=r"already holds checkpoints .*checkpoint-00000001.*experiment.resume is False"):
+        run(tmp_path, "training.max_train_steps=2", "experiment.resume=False")
+    after = load_file(tmp_path / "checkpoints/checkpoint-00000001/model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)

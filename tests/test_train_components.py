@@ -215,3 +215,15 @@ def test_rar_targets_and_features_follow_the_order(monkeypatch):
     inputs, noise = training.noisy_context(tokens, 1.0, "switch", 32)
     assert torch.equal(seen["noise"], noise[rows, order])
     torch.testing.assert_close(seen["logits"], model(inputs, class_ids, orders=order).logits)
+
+
+def test_logged_parts_average_the_accumulation_micro_batches():
+    from modeling.losses import LossParts
+    from utils.metrics import mean_parts
+
+    a = LossParts(*(torch.tensor(v) for v in (1.0, 2.0, 3.0, 4.0, 0.5)))
+    b = LossParts(*(torch.tensor(v) for v in (3.0, 4.0, 5.0, 6.0, 0.25)))
+    mean = mean_parts([a, b])
+    assert [getattr(mean, k).item() for k in ("loss", "ce", "encode_alignment", "decode_alignment", "accuracy")] == [
+        2.0, 3.0, 4.0, 5.0, 0.375
+    ]

@@ -88,6 +88,7 @@ def resolve_weights(path_or_name: str, hub_repo: Optional[str] = None) -> str:
         return hf_hub_download(repo_id=repo, filename=os.path.basename(path_or_name))
     except Exception as err:  # offline, no such repo or file, or an HTTP error: all end the same way
         raise FileNotFoundError(
-            f"could not get {os.path.basename(path_or_name)} from the Hugging Face Hub ({repo}): "
+            f"checkpoint not found: {path_or_name} is not a local file, and "
+            f"{os.path.basename(path_or_name)} could not be fetched from the Hugging Face Hub ({repo}): "
             f"{type(err).__name__}: {err}. Download it where you have internet and pass its local path."
         ) from None

@@ -165,8 +165,9 @@ def load_checkpoint(directory: str, rank: int, model, optimizer, scheduler, ema=
     """Restore a checkpoint into the given objects and this rank's RNG state. Returns False when the checkpoint
     has no RNG state for this rank (it was saved by fewer processes): the run goes on, but not bit-exactly."""
     load_checked(model, load_file(os.path.join(directory, "model.safetensors")), f"checkpoint {directory}")
-    optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
-    scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), weights_only=True))
+    # map to CPU: saved from cuda:0, it would otherwise land on GPU 0 in every rank before being moved
+    optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), map_location="cpu", weights_only=True))
     if ema is not None:
         ema_path = os.path.join(directory, "ema.safetensors")
         if not os.path.isfile(ema_path):

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from dataclasses import fields
+from typing import Callable, Dict, Sequence
 
 import torch
 
 from modeling.losses import LossParts
 
 NAMES = ("loss", "ce", "encode_alignment", "decode_alignment", "token_accuracy", "grad_norm")
+
+
+@torch.no_grad()
+def mean_parts(parts: Sequence[LossParts]) -> LossParts:
+    """The loss parts of one optimizer step: the mean over its gradient-accumulation micro-batches."""
+    return LossParts(*(torch.stack([getattr(p, f.name).detach() for p in parts]).mean() for f in fields(LossParts)))
 
 
 class MetricWindow:
@@ -29,10 +36,6 @@ class MetricWindow:
         self.count += 1
         bad = ~torch.isfinite(values[[0, 5]]).all() & (self.first_non_finite < 0)
         self.first_non_finite = torch.where(bad, torch.full_like(self.first_non_finite, step), self.first_non_finite)
-
-    def non_finite_step(self) -> int:
-        """The first step with a non-finite loss or gradient, or -1."""
-        return int(self.first_non_finite)
 
     def averages(self, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums) -> Dict[str, float]:
         """The window's averages (after `reduce`, e.g. a mean over processes); starts a new window."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.checkpoint import load_checked, load_state_dict_file
+from utils.checkpoint import load_checked, load_state_dict_file, resolve_weights
 
 # The released f16 tokenizer; a mapping with (some of) these keys builds another size.
 RELEASED_CONFIG = {
@@ -247,7 +247,7 @@ class MaskGITVQGAN(nn.Module):
 
         Without `config` the architecture is read off the weights' shapes (the released file gives the
         released architecture), so that a smaller tokenizer loads through the same path."""
-        state_dict = load_state_dict_file(path)  # first, so that a missing file fails before building the model
+        state_dict = load_state_dict_file(resolve_weights(path))  # first, so that a missing file fails before building the model
         if config is None:
             config = config_from_state_dict(state_dict)
         return load_checked(cls(config), state_dict, what=f"MaskGIT-VQGAN weights {path}")
