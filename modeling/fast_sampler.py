@@ -21,10 +21,9 @@ import copy
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from modeling.rear import ReAR, cfg_scale_at, filter_logits
+from modeling.rear import ReAR, cfg_scale_at, sample_next_token
 
 
 class StaticKVCache:
@@ -192,11 +191,7 @@ class FastSampler:
             if step > 0:
                 self.move_to(step + 1)
                 logits = self.next_logits()
-            if self.guidance:
-                cond, uncond = logits[:batch], logits[batch:]
-                logits = uncond + (cond - uncond) * cfg[step : step + 1]
-            logits = filter_logits(logits / temperature, top_k, top_p)
-            sampled = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            sampled = sample_next_token(logits, cfg[step : step + 1] if self.guidance else None, temperature, top_k, top_p)
             tokens[:, step : step + 1] = sampled
             self.token.copy_(torch.cat([sampled, sampled]) if self.guidance else sampled)
         return tokens

@@ -186,6 +186,19 @@ def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[f
     return logits
 
 
+def sample_next_token(
+    logits: Tensor, cfg_scale: Optional[Tensor], temperature: float, top_k: Optional[int] = None, top_p: Optional[float] = None
+) -> Tensor:
+    """One sampling step from logits of the newest position. With `cfg_scale`, the rows are [conditional; null class]
+    and are mixed as uncond + (cond - uncond)·cfg. Then temperature, optional top-k / top-p, and one multinomial draw
+    for the whole batch, as the original sampler does (its random stream depends on that one call)."""
+    if cfg_scale is not None:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + (cond - uncond) * cfg_scale
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
 class ReAR(nn.Module):
     """reAR / RAR generator. `config` is the whole project config (reads model.generator.* and
     model.vq_model.codebook_size / token_size)."""
@@ -364,11 +377,8 @@ class ReAR(nn.Module):
         for step in range(n):
             prefix = torch.cat([tokens, tokens]) if use_cfg else tokens
             logits = self.next_token_logits(prefix, class_ids, caches)
-            if use_cfg:
-                cond, uncond = logits[:batch], logits[batch:]
-                logits = uncond + (cond - uncond) * cfg_scale_at(step, n, guidance_scale, guidance_scale_pow, logits.device)
-            logits = filter_logits(logits / temperature, top_k, top_p)
-            sampled = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            cfg = cfg_scale_at(step, n, guidance_scale, guidance_scale_pow, logits.device) if use_cfg else None
+            sampled = sample_next_token(logits, cfg, temperature, top_k, top_p)
             tokens = torch.cat([tokens, sampled], dim=1)
         return tokens
 
@@ -388,4 +398,4 @@ class ReAR(nn.Module):
         return sum(p.numel() for name, p in self.named_parameters() if name.split(".")[0] not in heads)
 
 
-__all__ = ["ReAR", "GeneratorOutput", "KVCache", "cfg_scale_at", "filter_logits"]
+__all__ = ["ReAR", "GeneratorOutput", "KVCache", "cfg_scale_at", "filter_logits", "sample_next_token"]
