@@ -47,6 +47,25 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def on_rank0_first(fn, rank: int):
+    """`fn()` on rank 0, then on the other ranks. An error on rank 0 stops every rank at once, instead of
+    leaving them waiting at the barrier until its timeout."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as err:  # re-raised below, after the other ranks are told
+            error = err
+    failed = [None if error is None else f"{type(error).__name__}: {error}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(failed, src=0)
+    if error is not None:
+        raise error
+    if failed[0] is not None:
+        raise SystemExit(f"rank {rank}: stopping, rank 0 failed with {failed[0]}")
+    return result if rank == 0 else fn()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -58,11 +77,8 @@ def main(argv: list[str]) -> None:
     sample_dir = config.experiment.output_dir
     options = SamplingOptions.from_config(config)
     settings = settings_of(config, options, device)
-    if rank == 0:  # first, alone: it creates the folder and records the settings
-        complete = prepare_sample_dir(sample_dir, settings)
-    barrier()
-    if rank != 0:
-        complete = prepare_sample_dir(sample_dir, settings)
+    # rank 0 first, alone: it creates the folder and records the settings
+    complete = on_rank0_first(lambda: prepare_sample_dir(sample_dir, settings), rank)
     if complete:
         if rank == 0:
             print(f"{npz_path(sample_dir)} is complete; nothing to do")

@@ -146,3 +146,9 @@ def test_baseline_configs():
     rar = load_config("configs/rar_b.yaml").model.generator
     assert (rar.order, rar.randomness_anneal_start, rar.randomness_anneal_end) == ("random", 125_000, 187_500)
     assert (rar.guidance_scale, rar.guidance_scale_pow, rar.num_hidden_layers) == (16.0, 2.75, 24)
+
+
+@pytest.mark.parametrize("key", ["experiment.log_every", "training.gradient_accumulation_steps", "sampling.per_proc_batch_size"])
+def test_zero_counts_are_errors(key):
+    with pytest.raises(ConfigError, match=rf"'{key}'.*0 \(must be at least 1\)"):
+        load_config("configs/rear_tiny.yaml", [f"{key}=0"])

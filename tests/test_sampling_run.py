@@ -153,3 +153,17 @@ def test_rear_test_sh_samples_then_evaluates(tmp_path):
         f"experiment.generator_checkpoint=reAR-S.safetensors experiment.output_dir={tmp_path}/out dir sampling.seed=1",
         f"python -m evaluator ref.npz {tmp_path}/out dir.npz",
     ]
+
+
+def test_refusal_on_rank_0_stops_every_rank_under_torchrun(weights, reference, tmp_path):
+    output_dir = tmp_path / "samples"
+    output_dir.mkdir()
+    run_in_process(weights, output_dir)  # a finished run with seed 7
+    command = ["torchrun", "--standalone", "--nproc_per_node=2", str(SCRIPT), *arguments(weights, output_dir), "sampling.seed=8"]
+    start = time.time()
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "seed: 7 -> 8" in result.stderr
+    assert "rank 1: stopping, rank 0 failed" in result.stderr
+    assert time.time() - start < 60  # not the barrier's timeout
+    assert (tmp_path / "samples.npz").read_bytes() == reference  # untouched

@@ -253,6 +253,28 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     return OmegaConf.from_dotlist(list(overrides))
 
 
+# Counts and intervals that must be at least 1 (a 0 would divide by zero or skip the training step).
+POSITIVE_KEYS = (
+    "experiment.save_every",
+    "experiment.generate_every",
+    "experiment.log_every",
+    "training.gradient_accumulation_steps",
+    "training.per_gpu_batch_size",
+    "sampling.num_samples",
+    "sampling.per_proc_batch_size",
+    "model.generator.image_seq_len",
+    "model.generator.num_hidden_layers",
+    "model.vq_model.codebook_size",
+)
+
+
+def check_positive(config: DictConfig, source: str) -> None:
+    for key in POSITIVE_KEYS:
+        value = OmegaConf.select(config, key)
+        if value < 1:
+            raise ConfigError(f"bad value for config key '{key}' in {source}: {value} (must be at least 1)")
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Schema defaults, then the YAML file at `path`, then `overrides` (["a.b=c", ...])."""
     config = OmegaConf.structured(ReARConfig)
@@ -265,6 +287,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
         OmegaConf.resolve(config)
     except OmegaConfBaseException as err:
         raise _as_config_error(err, path or "the command line") from None
+    check_positive(config, path or "the command line")
     return config
 
 
