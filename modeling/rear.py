@@ -387,7 +387,7 @@ class ReAR(nn.Module):
         """A generator built from `config` with the weights at `path` (local `.safetensors`/`.bin`, or a released
         file name such as `reAR-S.safetensors`, fetched from the Hugging Face Hub). A RAR checkpoint (no alignment
         heads) loads into a config with `transition_alignment: False`."""
-        from utils.checkpoint import load_checked, load_state_dict_file, resolve_weights
+        from utils.weights import load_checked, load_state_dict_file, resolve_weights
 
         model = cls(config)
         state = load_state_dict_file(resolve_weights(path))

@@ -18,7 +18,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a clone, uninstalled
 
-from utils.checkpoint import GENERATOR_FILENAMES, PUBLISHED, TOKENIZER_FILENAME, resolve_weights  # noqa: E402
+from utils.weights import GENERATOR_FILENAMES, PUBLISHED, TOKENIZER_FILENAME, resolve_weights  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.image_grid import class_caption, labelled_grid  # noqa: E402
 from utils.sampling import SamplingOptions, load_models, sample_images  # noqa: E402

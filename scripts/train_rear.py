@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from modeling.losses import randomness_ratio  # noqa: E402
 from modeling.rear import ReAR  # noqa: E402
 from modeling.tokenizers import build_tokenizer  # noqa: E402
-from utils.checkpoint import load_checked, load_state_dict_file, resolve_weights  # noqa: E402
+from utils.weights import load_checked, load_state_dict_file, resolve_weights  # noqa: E402
 from utils.checkpointing import (  # noqa: E402
     NonFiniteError,
     latest_checkpoint,

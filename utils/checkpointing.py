@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from utils.checkpoint import load_checked
+from utils.weights import load_checked
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 

@@ -3,7 +3,8 @@
 Every run's configuration is the schema's defaults, then a YAML file, then CLI overrides, merged by
 OmegaConf. The schema is what makes a typo an error: an unknown key or a value of the wrong type fails at
 start-up with the key's dotted name and the closest valid key, instead of being silently ignored.
-The original RAR / reAR YAML files load unchanged: every key they use is in the schema.
+The original RAR / reAR YAML files load unchanged: every key they use is in the schema. A few of their keys have
+no effect here; they are marked `# unused: ...` below.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ class ExperimentConfig:
     tracker: str = "none"  # wandb | tensorboard | none
     max_train_examples: int = 1_281_167
     save_every: int = 50_000
-    eval_every: int = 50_000
+    eval_every: int = 50_000  # unused: evaluation is a separate step (python -m evaluator)
     generate_every: int = 5_000
     log_every: int = 50
-    log_grad_norm_every: int = 1_000
+    log_grad_norm_every: int = 1_000  # unused: the gradient norm is logged every log_every steps
     keep_last_checkpoints: int = 3
     resume: bool = True
     init_weight: Optional[str] = None
@@ -43,7 +44,7 @@ class VQModelConfig:
     codebook_size: int = 1024
     token_size: int = 256
     num_latent_tokens: int = 256
-    finetune_decoder: bool = False
+    finetune_decoder: bool = False  # unused: the tokenizer is frozen
     pretrained_tokenizer_weight: Optional[str] = "maskgit-vqgan-imagenet-f16-256.bin"
 
 
@@ -92,7 +93,7 @@ class DatasetParams:
     pretokenization: Optional[str] = None
     pretokenized_cache_dir: Optional[str] = None  # where the JSONL's arrays go; None: next to the file
     train_shards_path_or_url: Optional[str] = None
-    eval_shards_path_or_url: Optional[str] = None
+    eval_shards_path_or_url: Optional[str] = None  # unused: no evaluation during training
     num_workers_per_gpu: int = 4
     shuffle_buffer_size: int = 1_000
     pin_memory: bool = True
@@ -101,9 +102,9 @@ class DatasetParams:
 
 @dataclass
 class DatasetPreprocessing:
-    resize_shorter_edge: int = 256
+    resize_shorter_edge: int = 256  # unused: the ADM center crop resizes to crop_size
     crop_size: int = 256
-    random_crop: bool = False
+    random_crop: bool = False  # unused: always the ADM center crop
     random_flip: bool = True
 
 

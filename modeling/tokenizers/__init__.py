@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional
 
 from torch import nn
 
-from utils.checkpoint import load_checked, load_state_dict_file, resolve_weights
+from utils.weights import load_checked, load_state_dict_file, resolve_weights
 
 from .maskgit_vqgan import MaskGITVQGAN
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.checkpoint import load_checked, load_state_dict_file, resolve_weights
+from utils.weights import load_checked, load_state_dict_file, resolve_weights
 
 # The released f16 tokenizer; a mapping with (some of) these keys builds another size.
 RELEASED_CONFIG = {

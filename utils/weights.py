@@ -1,4 +1,4 @@
-"""Reading model weights: `.safetensors` or `.bin` (weights-only), local paths or the Hugging Face Hub.
+"""Model weights: `.safetensors` or `.bin` (weights-only), local paths or the Hugging Face Hub.
 
 Released weights:
 - generators on the Hub repo `qyoo/reAR`: `reAR-S.safetensors`, `reAR-B.safetensors`, `reAR-L.safetensors`;
