@@ -227,3 +227,10 @@ def test_logged_parts_average_the_accumulation_micro_batches():
     assert [getattr(mean, k).item() for k in ("loss", "ce", "encode_alignment", "decode_alignment", "accuracy")] == [
         2.0, 3.0, 4.0, 5.0, 0.375
     ]
+
+
+def test_fp16_is_refused_at_start_up():
+    from utils.training import make_accelerator
+
+    with pytest.raises(ValueError, match=r"training.mixed_precision must be one of \('bf16', 'no'\), got 'fp16'"):
+        make_accelerator(load_config(None, ["training.mixed_precision=fp16"]))

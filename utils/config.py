@@ -157,7 +157,7 @@ class LRSchedulerConfig:
 class TrainingConfig:
     gradient_accumulation_steps: int = 1
     per_gpu_batch_size: int = 256
-    mixed_precision: str = "bf16"  # bf16 | fp16 | no
+    mixed_precision: str = "bf16"  # bf16 | no
     enable_tf32: bool = True
     enable_wandb: bool = False
     use_ema: bool = False
