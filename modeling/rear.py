@@ -337,14 +337,21 @@ class ReAR(nn.Module):
             )
 
     # ------------------------------------------------------------------------------ sampling
-    def next_token_logits(self, prefix: Tensor, class_ids: Tensor, caches: Optional[List[KVCache]] = None) -> Tensor:
+    def next_token_logits(
+        self,
+        prefix: Tensor,
+        class_ids: Tensor,
+        caches: Optional[List[KVCache]] = None,
+        tables: Optional[Tuple[Tensor, Tensor]] = None,
+    ) -> Tensor:
         """Logits (B, V) of the token after `prefix` (B, t). With `caches`, only the newest position is run:
-        the caches must hold the keys and values of every earlier position."""
+        the caches must hold the keys and values of every earlier position. `tables` are `position_tables()`,
+        passed in so that a sampling loop builds them once rather than at every step."""
         if caches is None or caches[0].length == 0:
             x, c = self.embed(prefix, class_ids)
         else:
             p = prefix.shape[1] + 1  # position of the newest token
-            pos, target = self.position_tables()
+            pos, target = tables if tables is not None else self.position_tables()
             x = self.embeddings(prefix[:, -1:]) + pos[:, p : p + 1]
             x = x + target[:, p : p + 1]
             c = self.embeddings(self.class_token_ids(class_ids))[:, None] + self.timesteps_embeddings[:, p : p + 1]
@@ -373,10 +380,11 @@ class ReAR(nn.Module):
         if use_cfg:  # conditional first, then the null class, in one batch
             class_ids = torch.cat([class_ids, torch.full_like(class_ids, self.null_class)])
         caches = [KVCache(n + 1) for _ in self.blocks] if kv_cache else None
+        tables = self.position_tables()
         tokens = class_ids.new_empty(batch, 0)
         for step in range(n):
             prefix = torch.cat([tokens, tokens]) if use_cfg else tokens
-            logits = self.next_token_logits(prefix, class_ids, caches)
+            logits = self.next_token_logits(prefix, class_ids, caches, tables)
             cfg = cfg_scale_at(step, n, guidance_scale, guidance_scale_pow, logits.device) if use_cfg else None
             sampled = sample_next_token(logits, cfg, temperature, top_k, top_p)
             tokens = torch.cat([tokens, sampled], dim=1)
