@@ -14,7 +14,6 @@ setup(
     description="reAR: visual autoregressive generation with generator-tokenizer consistency regularisation",
     python_requires=">=3.10",
     packages=find_packages(include=["modeling", "modeling.*", "utils", "utils.*", "evaluator", "evaluator.*"]),
-    package_data={"utils": ["imagenet_classes.txt"]},
     install_requires=requirements,
     extras_require={"test": ["pytest>=7"], "wandb": ["wandb"]},
 )

@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from modeling.rear import ReAR, cfg_scale_at, sample_next_token
+from modeling.rear import ReAR
+from modeling.sampler import cfg_scale_at, sample_next_token
 
 
 class StaticKVCache:
@@ -38,11 +39,11 @@ class StaticKVCache:
         self.position = position
         self.attn_mask = attn_mask
 
-    def append(self, k: Tensor, v: Tensor):
+    def update(self, k: Tensor, v: Tensor):
         # Indexing with a tensor (not an int) keeps the position out of the recorded graph.
         self.k[:, :, self.position] = k.to(self.k.dtype)
         self.v[:, :, self.position] = v.to(self.v.dtype)
-        return self.k, self.v
+        return self.k, self.v, self.attn_mask
 
 
 class FastSampler:
@@ -176,7 +177,7 @@ class FastSampler:
         if (guidance_scale != 0) != self.guidance:
             raise ValueError(f"guidance_scale {guidance_scale} needs a sampler built with guidance={not self.guidance}")
         class_ids = class_ids.to(self.device)
-        torch.rand(class_ids.shape, device=class_ids.device)  # ReAR.generate's draw: keeps the random stream in step
+        m.start_sampling(class_ids)  # ReAR.generate's draw: keeps the random stream in step
         cfg = self.cfg_scales_for(guidance_scale, guidance_scale_pow) if self.guidance else None
         row_classes = torch.cat([class_ids, torch.full_like(class_ids, m.null_class)]) if self.guidance else class_ids
         with self.autocast():

@@ -1,8 +1,8 @@
 """The reAR generator: a class-conditional causal transformer over image tokens (arXiv 2510.04450).
 
-The architecture is RAR's (a DiT-style decoder with adaLN-Zero conditioning and target-aware positions);
-reAR adds two small MLP heads that align hidden states with the tokenizer's codebook embeddings during
-training (see `modeling/losses.py`). At inference reAR is a plain autoregressive model.
+The architecture is RAR's (a DiT-style decoder with adaLN-Zero conditioning and target-aware positions), the
+`rar` backbone; reAR adds two small MLP heads that align hidden states with the tokenizer's codebook embeddings
+during training (`modeling/objective.py`). At inference reAR is a plain autoregressive model.
 
 Token space of the single embedding table (V = codebook size, C = number of classes):
     [0, V) image tokens · V the mask token · V+1+c class c · V+1+C the null class (classifier-free guidance).
@@ -14,20 +14,15 @@ Position p >= 1 predicts tok_{p-1}; its target-aware positional embedding is tha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modeling.generator import Generator, GeneratorOutput
+from modeling.objective import shuffle
 from utils.config import validate
-
-
-@dataclass
-class GeneratorOutput:
-    logits: Tensor  # (B, N, V): logits[:, i] is the distribution of tok_i given the class and tok_<i
-    encode_z: Optional[Tensor] = None  # (B, N+2, z): encode_align_mlp over every position
-    decode_z: Optional[Tensor] = None  # (B, N+2, z): decode_align_mlp over every position
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -37,15 +32,14 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class KVCache:
     """Keys and values of one attention layer, pre-allocated for the whole sequence and filled in place."""
 
-    attn_mask: Optional[Tensor] = None  # holds exactly the positions seen so far: nothing to hide
-
     def __init__(self, max_len: int):
         self.max_len = max_len
         self.length = 0
         self.k: Optional[Tensor] = None
         self.v: Optional[Tensor] = None
 
-    def append(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    def update(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Append the new positions; returns every key and value so far, and no mask (all of them are visible)."""
         if self.k is None:
             shape = (*k.shape[:2], self.max_len, k.shape[-1])
             self.k = k.new_empty(shape)
@@ -56,7 +50,19 @@ class KVCache:
         self.k[:, :, self.length : end] = k
         self.v[:, :, self.length : end] = v
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:, :, :end], self.v[:, :, :end], None
+
+
+@dataclass
+class DecodeState:
+    """What one sampling call keeps between steps: every layer's cache and the position tables."""
+
+    layers: List[KVCache]
+    tables: Tuple[Tensor, Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
 
 
 class Attention(nn.Module):
@@ -73,19 +79,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+    def forward(self, x: Tensor, cache=None) -> Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
-        if cache is not None:
-            k, v = cache.append(k, v)
+        mask = None
+        if cache is not None:  # a growing cache shows every key; a static one masks the positions not written yet
+            k, v, mask = cache.update(k, v)
         if L > 1 and k.shape[2] != L:
             raise ValueError("several new positions can only be processed from an empty cache")
-        # Causal among the new positions; a single new position sees the whole cached prefix. A cache of fixed
-        # length (modeling/fast_sampler.py) masks out the positions not written yet.
         x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if cache is None else cache.attn_mask, is_causal=L > 1,
-            dropout_p=self.attn_drop if self.training else 0.0,
+            q, k, v, attn_mask=mask, is_causal=L > 1, dropout_p=self.attn_drop if self.training else 0.0
         )
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, L, D)))
 
@@ -142,66 +146,13 @@ class FinalLayer(nn.Module):
         return modulate(self.norm_final(x), shift, scale)
 
 
-def alignment_mlp(dim: int, projection_dim: int, z_dim: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(dim, projection_dim),
-        nn.SiLU(),
-        nn.Linear(projection_dim, projection_dim),
-        nn.SiLU(),
-        nn.Linear(projection_dim, z_dim),
-    )
+class ReAR(Generator):
+    """reAR / RAR generator (the `rar` backbone). `config` is the whole project config (reads model.generator.*
+    and model.vq_model.codebook_size / token_size)."""
 
-
-def shuffle(x: Tensor, orders: Tensor) -> Tensor:
-    """x (B|1, N, ...) gathered along dim 1 by per-sample orders (B, N)."""
-    x = x.expand(orders.shape[0], *x.shape[1:])
-    return x[torch.arange(orders.shape[0], device=orders.device)[:, None], orders]
-
-
-def cfg_scale_at(step: int, num_steps: int, guidance_scale: float, power: float, device=None) -> Tensor:
-    """Classifier-free guidance scale at `step`: 1 at the first token, rising on a cosine to `guidance_scale`.
-
-    Computed in float32 exactly as the original sampler does, so that sampled tokens match it bit for bit.
-    """
-    scale_pow = torch.ones(1, device=device) * power
-    s = (1 - torch.cos(((step / num_steps) ** scale_pow) * torch.pi)) * 1 / 2
-    return (guidance_scale - 1) * s + 1
-
-
-def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
-    """Keep the `top_k` largest logits and/or the smallest set whose probability reaches `top_p`."""
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already enough
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_next_token(
-    logits: Tensor, cfg_scale: Optional[Tensor], temperature: float, top_k: Optional[int] = None, top_p: Optional[float] = None
-) -> Tensor:
-    """One sampling step from logits of the newest position. With `cfg_scale`, the rows are [conditional; null class]
-    and are mixed as uncond + (cond - uncond)·cfg. Then temperature, optional top-k / top-p, and one multinomial draw
-    for the whole batch, as the original sampler does (its random stream depends on that one call)."""
-    if cfg_scale is not None:
-        cond, uncond = logits.chunk(2)
-        logits = uncond + (cond - uncond) * cfg_scale
-    logits = filter_logits(logits / temperature, top_k, top_p)
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-
-
-class ReAR(nn.Module):
-    """reAR / RAR generator. `config` is the whole project config (reads model.generator.* and
-    model.vq_model.codebook_size / token_size)."""
+    prefix_len = 2  # [cls, class, tok_0, ...]: position 2+i reads tok_i
+    supports_orders = True
+    has_fast_sampler = True
 
     def __init__(self, config):
         super().__init__()
@@ -228,16 +179,7 @@ class ReAR(nn.Module):
         self.embeddings = nn.Embedding(self.codebook_size + 1 + self.num_classes + 1, dim)
         self.adaln_before_head = FinalLayer(dim)
         self.lm_head = nn.Linear(dim, self.codebook_size)
-
-        self.alignment_layers: Tuple[int, int] = ()
-        if g.transition_alignment:
-            z_dim = g.z_dim if g.z_dim is not None else config.model.vq_model.token_size
-            for idx in (g.encode_align_layer_idx, g.decode_align_layer_idx):
-                if not 0 <= idx < g.num_hidden_layers:
-                    raise ValueError(f"alignment layer {idx} is outside the {g.num_hidden_layers} blocks")
-            self.encode_align_mlp = alignment_mlp(dim, g.projection_dim, z_dim)
-            self.decode_align_mlp = alignment_mlp(dim, g.projection_dim, z_dim)
-            self.alignment_layers = (g.encode_align_layer_idx, g.decode_align_layer_idx)
+        self.attach_alignment_heads(config)
         self.initialize_weights()
 
     # ----------------------------------------------------------------------------------------- init
@@ -291,34 +233,29 @@ class ReAR(nn.Module):
         return x, class_emb + self.timesteps_embeddings[:, :length]
 
     # ------------------------------------------------------------------------------ transformer
-    def run_blocks(
-        self, x: Tensor, c: Tensor, caches: Optional[Sequence[KVCache]] = None
-    ) -> Tuple[Tensor, List[Tensor]]:
-        """All blocks; returns the last hidden states and those of the alignment layers (encode, decode)."""
-        kept = []
+    def run_blocks(self, x: Tensor, c: Tensor, caches: Optional[DecodeState] = None,
+                   keep: Sequence[int] = ()) -> Tuple[Tensor, Dict[int, Tensor]]:
+        """All blocks; returns the last hidden states and those after the blocks in `keep`."""
+        kept = {}
         for idx, block in enumerate(self.blocks):
             if self.use_checkpoint and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
             else:
-                x = block(x, c, None if caches is None else caches[idx])
-            kept += [x] * self.alignment_layers.count(idx)
+                x = block(x, c, None if caches is None else caches.layers[idx])
+            if idx in keep:
+                kept[idx] = x
         return x, kept
 
     def head(self, x: Tensor, c: Tensor) -> Tensor:
         return self.lm_head(self.adaln_before_head(x, c))
 
-    def forward(self, input_ids: Tensor, class_ids: Tensor, orders: Optional[Tensor] = None) -> GeneratorOutput:
-        """Teacher-forced logits (B, N, V); `logits[:, i]` predicts `input_ids[:, i]` (or, with RAR `orders`,
-        the i-th token in that order). `class_ids` are raw labels in [0, C]; C is the null class."""
-        if not self.training:
-            self.check_ids(input_ids, class_ids)
+    def hidden_states(self, input_ids: Tensor, class_ids: Tensor, layers: Sequence[int] = (),
+                      orders: Optional[Tensor] = None) -> Tuple[Tensor, Dict[int, Tensor]]:
+        """Teacher-forced logits over positions 1..N (drop cls and the last token) and the hidden states after
+        the blocks in `layers`, over all N+2 positions."""
         x, c = self.embed(input_ids, class_ids, orders)
-        x, kept = self.run_blocks(x, c)
-        output = GeneratorOutput(logits=self.head(x[:, 1:-1], c[:, 1:-1]))
-        if kept:
-            output.encode_z = self.encode_align_mlp(kept[0])
-            output.decode_z = self.decode_align_mlp(kept[1])
-        return output
+        x, kept = self.run_blocks(x, c, keep=layers)
+        return self.head(x[:, 1:-1], c[:, 1:-1]), kept
 
     def check_ids(self, input_ids: Optional[Tensor], class_ids: Tensor) -> None:
         if class_ids.numel() and not (0 <= int(class_ids.min()) and int(class_ids.max()) <= self.num_classes):
@@ -337,73 +274,27 @@ class ReAR(nn.Module):
             )
 
     # ------------------------------------------------------------------------------ sampling
-    def next_token_logits(
-        self,
-        prefix: Tensor,
-        class_ids: Tensor,
-        caches: Optional[List[KVCache]] = None,
-        tables: Optional[Tuple[Tensor, Tensor]] = None,
-    ) -> Tensor:
-        """Logits (B, V) of the token after `prefix` (B, t). With `caches`, only the newest position is run:
-        the caches must hold the keys and values of every earlier position. `tables` are `position_tables()`,
-        passed in so that a sampling loop builds them once rather than at every step."""
-        if caches is None or caches[0].length == 0:
+    def start_sampling(self, class_ids: Tensor) -> None:
+        # The original maps the labels through its class-dropout routine with p = 0, which still draws one
+        # uniform per sample from the global generator; without the same draw every token would differ.
+        torch.rand(class_ids.shape, device=class_ids.device)
+
+    def new_caches(self, rows: int) -> DecodeState:
+        return DecodeState([KVCache(self.image_seq_len + 1) for _ in self.blocks], self.position_tables())
+
+    def next_token_logits(self, prefix: Tensor, class_ids: Tensor, caches: Optional[DecodeState] = None) -> Tensor:
+        """Logits (B, V) of the token after `prefix` (B, t). With `caches`, only the newest position is run: they
+        hold the keys and values of every earlier position (the first call runs cls, class and the prefix)."""
+        if caches is None or caches.length == 0:
             x, c = self.embed(prefix, class_ids)
         else:
             p = prefix.shape[1] + 1  # position of the newest token
-            pos, target = tables if tables is not None else self.position_tables()
+            pos, target = caches.tables
             x = self.embeddings(prefix[:, -1:]) + pos[:, p : p + 1]
             x = x + target[:, p : p + 1]
             c = self.embeddings(self.class_token_ids(class_ids))[:, None] + self.timesteps_embeddings[:, p : p + 1]
         x, _ = self.run_blocks(x, c, caches)
         return self.head(x[:, -1:], c[:, -1:])[:, 0]
 
-    @torch.no_grad()
-    def generate(
-        self,
-        class_ids: Tensor,
-        guidance_scale: float,
-        guidance_scale_pow: float,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        kv_cache: bool = True,
-    ) -> Tensor:
-        """Sample (B, N) image tokens for raw class labels (B,), with classifier-free guidance when
-        `guidance_scale` != 0. For a fixed `torch.manual_seed` this reproduces the original sampler's tokens."""
-        self.check_ids(None, class_ids)
-        # The original maps the labels through its class-dropout routine with p = 0, which still draws one
-        # uniform per sample from the global generator; without the same draw every token would differ.
-        torch.rand(class_ids.shape, device=class_ids.device)
-        batch, n = len(class_ids), self.image_seq_len
-        use_cfg = guidance_scale != 0
-        if use_cfg:  # conditional first, then the null class, in one batch
-            class_ids = torch.cat([class_ids, torch.full_like(class_ids, self.null_class)])
-        caches = [KVCache(n + 1) for _ in self.blocks] if kv_cache else None
-        tables = self.position_tables()
-        tokens = class_ids.new_empty(batch, 0)
-        for step in range(n):
-            prefix = torch.cat([tokens, tokens]) if use_cfg else tokens
-            logits = self.next_token_logits(prefix, class_ids, caches, tables)
-            cfg = cfg_scale_at(step, n, guidance_scale, guidance_scale_pow, logits.device) if use_cfg else None
-            sampled = sample_next_token(logits, cfg, temperature, top_k, top_p)
-            tokens = torch.cat([tokens, sampled], dim=1)
-        return tokens
 
-    @classmethod
-    def from_pretrained(cls, config, path: str) -> "ReAR":
-        """A generator built from `config` with the weights at `path` (local `.safetensors`/`.bin`, or a released
-        file name such as `reAR-S.safetensors`, fetched from the Hugging Face Hub). A RAR checkpoint (no alignment
-        heads) loads into a config with `transition_alignment: False`."""
-        from utils.weights import load_checked, load_state_dict_file, resolve_weights
-
-        model = cls(config)
-        state = load_state_dict_file(resolve_weights(path))
-        return load_checked(model, state, f"generator checkpoint {path}").eval()
-
-    def num_parameters(self, exclude_alignment: bool = False) -> int:
-        heads = {"encode_align_mlp", "decode_align_mlp"} if exclude_alignment else set()
-        return sum(p.numel() for name, p in self.named_parameters() if name.split(".")[0] not in heads)
-
-
-__all__ = ["ReAR", "GeneratorOutput", "KVCache", "cfg_scale_at", "filter_logits", "sample_next_token"]
+__all__ = ["ReAR", "GeneratorOutput", "KVCache"]

@@ -1,12 +1,16 @@
-"""How fast training and sampling run, with the plain (original) way and ours measured in the same run.
+"""How fast training and sampling run: the training code's own step and the samplers, next to the original's
+configuration, measured in the same run.
 
-    python scripts/benchmark.py                                  # CPU: configs/rear_tiny.yaml, in seconds
-    python scripts/benchmark.py --config configs/rear_l.yaml --device cuda --batch-size 128 --compile --json l.json
+    python scripts/benchmark.py                                   # CPU: configs/rear_tiny.yaml, in seconds
+    python scripts/benchmark.py config=configs/rear_l.yaml --device cuda --batch-size 128 --compile --json l.json
 
-Training, one full step (noisy context, forward, loss, backward, gradient clipping, AdamW) on random data:
-- plain: causal attention through a dense float (L, L) mask (rules out the flash kernel), fp32, AdamW's default
-  implementation, eager. With --dtype bf16 the same again in bf16, so that the ratios separate the two changes.
-- ours: SDPA with is_causal, autocast in --dtype, fused AdamW; with --compile also torch.compile.
+Training: `utils.training.step.train_step` (the step scripts/train_rear.py runs: the objective at r = 1, backward,
+gradient clipping, AdamW, the lr schedule) on random tokens, with the optimizer of `build_optimizer`:
+- original: the original reAR's real training configuration: bf16 autocast, each block under torch.compile, SDPA
+  with a boolean causal mask, AdamW's default (foreach) implementation (on a CPU the blocks are compiled only with
+  --compile, and the row says so);
+- ours: SDPA with is_causal, autocast in --dtype, fused AdamW; with --compile also torch.compile of the model;
+- extra: a dense float (L, L) mask in fp32, eager (rules out the flash kernel), for reference.
 Reported: samples/s, image tokens/s, MFU (model FLOPs, counted from the architecture, over the device's peak
 dense bf16 FLOP/s; n/a on a CPU) and peak memory (CUDA: max allocated; CPU: the process's max RSS so far).
 
@@ -22,8 +26,8 @@ Every speed-up is a ratio of two numbers from this one run, on this one device.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import copy
 import datetime
 import json
 import math
@@ -33,7 +37,8 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +46,16 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
 
+from accelerate.state import AcceleratorState  # noqa: E402
+
+from modeling import build_generator  # noqa: E402
 from modeling.fast_sampler import FastSampler, decode_in_batches  # noqa: E402
-from modeling.losses import drop_class_labels, noisy_context, rear_loss  # noqa: E402
+from modeling.objective import Objective  # noqa: E402
 from modeling.rear import ReAR  # noqa: E402
 from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from utils.cli import Script, flag_parser, run  # noqa: E402
+from utils.training.optim import build_optimizer, build_scheduler  # noqa: E402
+from utils.training.step import make_accelerator, train_step  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Peak dense bf16 tensor-core FLOP/s (no sparsity), from NVIDIA's data sheets; the first match wins.
@@ -127,19 +137,22 @@ def forward_flops_per_sample(model: ReAR) -> int:
     return 2 * (blocks + attention + head + alignment)
 
 
-# ----------------------------------------------------------------------------------------- the plain paths
+# ----------------------------------------------------------------------------------------- the originals' attention
 @contextlib.contextmanager
-def dense_mask_attention():
-    """The original's attention: causal through an explicit float (L, L) mask of -inf above the diagonal,
-    which materialises the scores and rules out the flash kernel. Swaps the SDPA that modeling.rear calls."""
+def masked_attention(kind: str):
+    """The original's causal attention through an explicit (L, L) mask instead of `is_causal`: `bool` (what the
+    original reAR trains with: a boolean mask) or `float` (-inf above the diagonal, which rules out the flash
+    kernel). Swaps the SDPA that modeling.rear calls."""
     sdpa = F.scaled_dot_product_attention
 
-    def with_dense_mask(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+    def with_mask(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
         if is_causal:
-            attn_mask = torch.full((q.shape[-2], k.shape[-2]), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+            ones = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
+            attn_mask = ones.tril() if kind == "bool" else torch.zeros_like(ones, dtype=q.dtype).masked_fill(
+                ~ones.tril(), float("-inf"))
         return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False, **kwargs)
 
-    F.scaled_dot_product_attention = with_dense_mask
+    F.scaled_dot_product_attention = with_mask
     try:
         yield
     finally:
@@ -147,48 +160,77 @@ def dense_mask_attention():
 
 
 # ----------------------------------------------------------------------------------------- training
-def random_batch(config, batch_size: int, device: torch.device):
+class RandomCodebook(nn.Module):
+    """A stand-in tokenizer for the objective: a random codebook looked up like a real tokenizer's."""
+
+    def __init__(self, codebook_size: int, width: int):
+        super().__init__()
+        self.embedding = nn.Embedding(codebook_size, width)
+
+    def get_quantized_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
+
+
+@dataclass(frozen=True)
+class TrainingVariant:
+    key: str
+    description: str
+    precision: str  # training.mixed_precision
+    attention: str  # is_causal | bool | float
+    fused: bool  # fused AdamW (CUDA)
+    compile: str  # none | blocks (the original: @torch.compile on Block.forward) | model
+
+
+def training_variants(args, device: torch.device) -> List[TrainingVariant]:
+    ours = "no" if args.dtype == "fp32" else "bf16"
+    compile_original = "blocks" if device.type == "cuda" or args.compile else "none"
+    original = "original reAR: bf16 autocast, bool-mask SDPA, AdamW, " + (
+        "compiled blocks" if compile_original == "blocks" else "blocks NOT compiled (CPU; --compile compiles them)")
+    variants = [
+        TrainingVariant("original", original, "bf16", "bool", False, compile_original),
+        TrainingVariant("ours", f"ours: is_causal SDPA, {args.dtype}, fused AdamW", ours, "is_causal", True, "none"),
+    ]
+    if args.compile:
+        variants.append(TrainingVariant("ours_compiled", "ours + torch.compile", ours, "is_causal", True, "model"))
+    variants.append(TrainingVariant("dense_fp32", "extra: dense float mask, fp32, AdamW, eager", "no", "float",
+                                    False, "none"))
+    return variants
+
+
+def measure_training(config, args, device, variant: TrainingVariant, batch_size: int) -> Dict:
+    """The training code's own step (`utils.training.step.train_step`: the objective at r = 1, backward, clip,
+    AdamW, schedule) on random tokens, with the variant's precision, attention, optimizer and compilation."""
+    config = copy.deepcopy(config)  # the variant's settings stay its own
+    config.training.mixed_precision = variant.precision
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = make_accelerator(config)
+    torch.manual_seed(0)
+    model = build_generator(config).to(device).train()
+    optimizer = build_optimizer(model, config, device, fused=variant.fused)
+    scheduler = build_scheduler(optimizer, config)
+    if variant.compile == "blocks":
+        for block in model.blocks:
+            block.compile()
+    step_model = torch.compile(model) if variant.compile == "model" else model
     vq, g = config.model.vq_model, config.model.generator
+    objective = Objective(config, RandomCodebook(vq.codebook_size, g.z_dim or vq.token_size).to(device))
     tokens = torch.randint(0, vq.codebook_size, (batch_size, g.image_seq_len), device=device)
     classes = torch.randint(0, g.condition_num_classes, (batch_size,), device=device)
-    z_dim = g.z_dim if g.z_dim is not None else vq.token_size
-    features = torch.randn(batch_size, g.image_seq_len, z_dim, device=device)  # stand-in codebook vectors
-    return tokens, classes, features
 
+    def step():
+        train_step(accelerator, step_model, objective, lambda: (tokens, classes), optimizer, scheduler, 0,
+                   max_grad_norm=config.training.max_grad_norm)
 
-def train_step(model: ReAR, optimizer, batch, config, dtype: torch.dtype) -> None:
-    """One step of reAR training at the start of the schedule (r = 1), as the training loop runs it."""
-    g = config.model.generator
-    tokens, classes, features = batch
-    inputs, noise = noisy_context(tokens, 1.0, g.perturb_mode, model.codebook_size)
-    classes = drop_class_labels(classes, g.class_label_dropout, model.null_class)
-    with autocast(tokens.device, dtype):
-        output = model(inputs, classes)
-        loss = rear_loss(output, tokens, features, noise, g.transition_alignment_weight).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), config.training.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def measure_training(config, args, device, dtype, dense_mask: bool, fused: bool, compile: bool,
-                     batch_size: int) -> Dict:
-    torch.manual_seed(0)
-    model = ReAR(config).to(device).train()
-    o = config.optimizer.params
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(o.beta1, o.beta2),
-                                  weight_decay=o.weight_decay, fused=fused or None)
-    step_model = torch.compile(model) if compile else model
-    batch = random_batch(config, batch_size, device)
     reset_peak_memory(device)
-    with dense_mask_attention() if dense_mask else contextlib.nullcontext():
-        for _ in range(3 if compile else 2):  # warm-up: allocator, kernels, compilation
-            train_step(step_model, optimizer, batch, config, dtype)
-        seconds = timed(lambda: train_step(step_model, optimizer, batch, config, dtype), device, args.steps)
+    with masked_attention(variant.attention) if variant.attention != "is_causal" else contextlib.nullcontext():
+        for _ in range(3 if variant.compile != "none" else 2):  # warm-up: allocator, kernels, compilation
+            step()
+        seconds = timed(step, device, args.steps)
     samples_per_s = batch_size / seconds
     peak = peak_flops(device, args.peak_tflops)
     flops_per_s = 3 * forward_flops_per_sample(model) * samples_per_s  # backward = 2 x forward
     return {
+        "description": variant.description,
         "batch_size": batch_size,
         "seconds_per_step": seconds,
         "samples_per_s": samples_per_s,
@@ -199,31 +241,19 @@ def measure_training(config, args, device, dtype, dense_mask: bool, fused: bool,
     }
 
 
-def measure_training_fitting(config, args, device, dtype, *variant) -> Dict:
-    """`measure_training` at --batch-size, or at the largest half of it that fits in memory (the plain path's
-    dense mask and fp32 activations may not fit where ours does; samples/s stay comparable)."""
+def measure_training_fitting(config, args, device, variant: TrainingVariant) -> Dict:
+    """`measure_training` at --batch-size, or at the largest half of it that fits in memory (the dense-mask row's
+    fp32 activations may not fit where ours do; samples/s stay comparable)."""
     batch_size = args.batch_size
     while True:
         try:
-            return measure_training(config, args, device, dtype, *variant, batch_size=batch_size)
+            return measure_training(config, args, device, variant, batch_size=batch_size)
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
                 raise
             print(f"out of memory at batch {batch_size}; trying {batch_size // 2}", file=sys.stderr)
             batch_size //= 2
             torch.cuda.empty_cache()
-
-
-def training_variants(args, dtype_name: str):
-    """(key, description, dtype, dense_mask, fused AdamW, compile)."""
-    variants = [("plain", "plain: dense float mask, fp32, AdamW", "fp32", True, False, False)]
-    if dtype_name != "fp32":
-        description = f"dense float mask, {dtype_name} autocast, AdamW"
-        variants.append((f"dense_mask_{dtype_name}", description, dtype_name, True, False, False))
-    variants.append(("ours", f"ours: is_causal SDPA, {dtype_name}, fused AdamW", dtype_name, False, True, False))
-    if args.compile:
-        variants.append(("ours_compiled", f"ours + torch.compile", dtype_name, False, True, True))
-    return variants
 
 
 # ----------------------------------------------------------------------------------------- sampling
@@ -251,7 +281,7 @@ def measure_sampling(config, args, device, dtype) -> Dict:
     settings = dict(guidance_scale=g.guidance_scale, guidance_scale_pow=g.guidance_scale_pow,
                     temperature=g.randomize_temperature)
     torch.manual_seed(0)
-    model = ReAR(config).to(device).eval()
+    model = build_generator(config).to(device).eval()
     classes = torch.arange(args.batch_size, device=device) % g.condition_num_classes
     results: Dict[str, Dict] = {}
     tokens: Dict[str, torch.Tensor] = {}
@@ -333,7 +363,8 @@ def report(result: Dict) -> str:
     ]
     if "training" in result:
         steps = meta["steps"]
-        lines += ["", f"training: one step = noisy context, forward, loss, backward, clip, AdamW ({steps} timed)",
+        lines += ["", f"training: the training code's step (objective, backward, clip, AdamW; {steps} timed); "
+                  "speed-up over the original's configuration",
                   f"  {'variant':<44}{'batch':>6}{'samples/s':>11}{'tokens/s':>11}{'MFU':>7}{'peak MB':>9}"
                   f"{'speed-up':>10}"]
         for v in result["training"].values():
@@ -357,36 +388,41 @@ def report(result: Dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/rear_tiny.yaml")
-    parser.add_argument("overrides", nargs="*", help="config overrides a.b=c, as the other scripts take them")
-    parser.add_argument("--batch-size", type=int, default=128, help="training and sampling batch (CFG: twice the rows)")
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps per variant")
-    parser.add_argument("--repeats", type=int, default=3, help="timed sampling batches per variant")
-    parser.add_argument("--plain-repeats", type=int, default=1, help="timed batches of the (slow) plain sampler")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="ours: default bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--compile", action="store_true", help="also torch.compile (training, decode step)")
-    parser.add_argument("--skip-training", action="store_true")
-    parser.add_argument("--skip-sampling", action="store_true")
-    parser.add_argument("--vqgan", choices=["released", "tiny"], help="default: released on CUDA, tiny on CPU")
-    parser.add_argument("--decode-batch-size", type=int, default=32)
-    parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of an unlisted GPU")
-    parser.add_argument("--json", default=None, help="write the results here")
-    args = parser.parse_args(argv)
+FLAGS = flag_parser()
+FLAGS.add_argument("--batch-size", type=int, default=128, help="training and sampling batch (CFG: twice the rows)")
+FLAGS.add_argument("--steps", type=int, default=10, help="timed training steps per variant")
+FLAGS.add_argument("--repeats", type=int, default=3, help="timed sampling batches per variant")
+FLAGS.add_argument("--plain-repeats", type=int, default=1, help="timed batches of the (slow) plain sampler")
+FLAGS.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+FLAGS.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+FLAGS.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="ours: default bf16 on CUDA, fp32 on CPU")
+FLAGS.add_argument("--compile", action="store_true", help="also torch.compile (training, decode step)")
+FLAGS.add_argument("--skip-training", action="store_true", help="sampling only")
+FLAGS.add_argument("--skip-sampling", action="store_true", help="training only")
+FLAGS.add_argument("--vqgan", choices=["released", "tiny"], help="default: released on CUDA, tiny on CPU")
+FLAGS.add_argument("--decode-batch-size", type=int, default=32, help="VQGAN decode chunk")
+FLAGS.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of an unlisted GPU")
+FLAGS.add_argument("--json", default=None, help="write the results here")
+
+SCRIPT = Script(
+    usage="python scripts/benchmark.py [config=FILE.yaml] [key.sub=value ...] [--device cuda] [--batch-size 128] "
+          "[--compile] [--json OUT]",
+    summary="Training and sampling speed of the training code's own step and of the samplers, next to the "
+            "original's configuration, in one run (default config: configs/rear_tiny.yaml, seconds on a CPU).",
+    example="python scripts/benchmark.py config=configs/rear_l.yaml --device cuda --batch-size 128 --compile "
+            "--json l.json",
+    flags=FLAGS,
+    default_config=lambda flags: DEFAULT_CONFIG,
+)
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "rear_tiny.yaml")
+
+
+def main(config, args, argv=None) -> Dict:
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
-    return args
-
-
-def main(argv=None) -> Dict:
-    args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = load_config(args.config, args.overrides)
     if device.type == "cuda":  # as the training script does; plain fp32 matmuls run in TF32 too
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.training.enable_tf32
     with torch.device("meta"):
@@ -396,7 +432,7 @@ def main(argv=None) -> Dict:
         "meta": {
             "date": datetime.date.today().isoformat(),
             "command": " ".join(["scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
-            "config": " ".join([args.config, *args.overrides]), "batch_size": args.batch_size, "steps": args.steps,
+            "config": f"{config.experiment.name}", "batch_size": args.batch_size, "steps": args.steps,
             "dtype": args.dtype,
             "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
             "python": platform.python_version(), "tf32": device.type == "cuda" and config.training.enable_tf32,
@@ -406,13 +442,9 @@ def main(argv=None) -> Dict:
                   "training_flops_per_token": 3 * forward, "peak_flops": peak_flops(device, args.peak_tflops)},
     }
     if not args.skip_training:
-        training = {}
-        for key, description, dtype_name, dense_mask, fused, compile in training_variants(args, args.dtype):
-            dtype_of_variant = DTYPES[dtype_name]
-            training[key] = measure_training_fitting(config, args, device, dtype_of_variant, dense_mask, fused, compile)
-            training[key]["description"] = description
+        training = {v.key: measure_training_fitting(config, args, device, v) for v in training_variants(args, device)}
         for entry in training.values():
-            entry["speedup"] = entry["samples_per_s"] / training["plain"]["samples_per_s"]
+            entry["speedup"] = entry["samples_per_s"] / training["original"]["samples_per_s"]
         result["training"] = training
     if not args.skip_sampling:
         result["sampling"] = measure_sampling(config, args, device, dtype)
@@ -424,4 +456,4 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(SCRIPT, main)

@@ -11,7 +11,6 @@ OUTPUT_DIR/val/imagenet-val-{0000..0009}.tar, the patterns in configs/.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
@@ -20,7 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tqdm.auto import tqdm  # noqa: E402
 
-from utils.images import list_image_folder  # noqa: E402
+from utils.cli import Script, flag_parser, run  # noqa: E402
+from utils.data.images import list_image_folder  # noqa: E402
+from utils.errors import UsageError  # noqa: E402
 
 
 def write_split(root: str, split: str, output_dir: str, maxcount: int, seed: int) -> int:
@@ -39,14 +40,26 @@ def write_split(root: str, split: str, output_dir: str, maxcount: int, seed: int
     return len(items)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--imagenet_dir", required=True, help="folder holding <split>/<synset>/<image>")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--splits", nargs="+", default=["train", "val"])
-    parser.add_argument("--maxcount", type=int, default=5065, help="images a shard")
-    parser.add_argument("--seed", type=int, default=0, help="shuffle of the train split")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+FLAGS = flag_parser()
+FLAGS.add_argument("--imagenet_dir", required=True, help="folder holding <split>/<synset>/<image>")
+FLAGS.add_argument("--output_dir", required=True, help="where <split>/imagenet-<split>-NNNN.tar go")
+FLAGS.add_argument("--splits", nargs="+", default=["train", "val"], help="splits to convert")
+FLAGS.add_argument("--maxcount", type=int, default=5065, help="images a shard")
+FLAGS.add_argument("--seed", type=int, default=0, help="shuffle of the train split")
+
+SCRIPT = Script(
+    usage="python scripts/convert_imagenet_to_wds.py --imagenet_dir DIR --output_dir OUT [--splits train val]",
+    summary="Pack an ImageNet class-folder tree into WebDataset tar shards (keys jpg/png + cls), the layout that "
+            "training on shards reads.",
+    example="python scripts/convert_imagenet_to_wds.py --imagenet_dir /data/imagenet --output_dir imagenet_sharded",
+    flags=FLAGS,
+    takes_config=False,
+)
+
+
+def main(config, args) -> None:
+    if args.maxcount < 1:
+        raise UsageError(f"--maxcount must be at least 1, got {args.maxcount}")
     for split in args.splits:
         count = write_split(args.imagenet_dir, split, args.output_dir, args.maxcount, args.seed)
         shards = -(-count // args.maxcount)
@@ -54,4 +67,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(SCRIPT, main)

@@ -4,12 +4,11 @@
 
 Fetches the generator (Hugging Face Hub qyoo/reAR) and the MaskGIT-VQGAN tokenizer (fun-research/TiTok), or
 reads local copies given with --generator PATH --tokenizer PATH. Guidance, temperature and top-k / top-p default
-to the model's released settings.
+to the model's released settings; `config=FILE` and `key.sub=value` overrides work as in every script.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -18,74 +17,80 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a clone, uninstalled
 
-from utils.weights import GENERATOR_FILENAMES, PUBLISHED, TOKENIZER_FILENAME, resolve_weights  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.image_grid import class_caption, labelled_grid  # noqa: E402
-from utils.sampling import SamplingOptions, load_models, sample_images  # noqa: E402
+from modeling import build_tokenizer, load_generator  # noqa: E402
+from modeling.sampler import SamplingOptions, sample_images, to_uint8  # noqa: E402
+from utils.cli import Script, flag_parser, run  # noqa: E402
+from utils.errors import MissingWeightsError, UsageError  # noqa: E402
+from utils.grids import class_caption, labelled_grid, save_png  # noqa: E402
+from utils.weights import GENERATOR_FILENAMES, TOKENIZER_FILENAME, resolve_weights  # noqa: E402
 
 CONFIGS = {"reAR-S": "configs/rear_s.yaml", "reAR-B": "configs/rear_b.yaml", "reAR-L": "configs/rear_l.yaml"}
 
+FLAGS = flag_parser()
+FLAGS.add_argument("--model", choices=sorted(CONFIGS), default="reAR-S", help="released model (default reAR-S)")
+FLAGS.add_argument("--classes", type=int, nargs="+", default=[1, 7, 282, 604, 724, 179, 751, 404, 850],
+                   help="ImageNet class ids, one image each")
+FLAGS.add_argument("--out", default="grid.png", help="the grid's PNG file")
+FLAGS.add_argument("--generator", help="local generator weights (default: the released file of --model)")
+FLAGS.add_argument("--tokenizer", help=f"local tokenizer weights (default: the released {TOKENIZER_FILENAME})")
+FLAGS.add_argument("--seed", type=int, default=0, help="torch seed: the tokens of torch.manual_seed(seed); generate()")
+FLAGS.add_argument("--guidance-scale", type=float, help="default: the model's released value")
+FLAGS.add_argument("--guidance-scale-pow", type=float, help="default: the model's released value")
+FLAGS.add_argument("--temperature", type=float, help="default: the model's released value")
+FLAGS.add_argument("--top-k", type=int, help="keep the k most likely tokens")
+FLAGS.add_argument("--top-p", type=float, help="keep the smallest set of tokens with this probability mass")
+FLAGS.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: CUDA only (default sampling.precision)")
+FLAGS.add_argument("--columns", type=int, default=8, help="images per row")
+FLAGS.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(CONFIGS), default="reAR-S")
-    parser.add_argument("--classes", type=int, nargs="+", default=[1, 7, 282, 604, 724, 179, 751, 404, 850])
-    parser.add_argument("--out", default="grid.png")
-    parser.add_argument("--generator", help="local generator weights (default: the released file of --model)")
-    parser.add_argument("--tokenizer", help=f"local tokenizer weights (default: the released {TOKENIZER_FILENAME})")
-    parser.add_argument("--config", help="config YAML (default: the one of --model)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance-scale", type=float)
-    parser.add_argument("--guidance-scale-pow", type=float)
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, CUDA only")
-    parser.add_argument("--columns", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+SCRIPT = Script(
+    usage="python scripts/demo.py [config=FILE.yaml] [key.sub=value ...] [--model reAR-S] [--classes ...] "
+          "[--out grid.png] [--generator PATH --tokenizer PATH]",
+    summary="A labelled grid of ImageNet classes from a released reAR generator (weights from the Hub, or local).",
+    example="python scripts/demo.py --model reAR-S --classes 1 7 282 --out grid.png",
+    sections=("sampling.guidance_scale", "sampling.guidance_scale_pow", "sampling.temperature", "sampling.top_k",
+              "sampling.top_p", "sampling.precision"),
+    flags=FLAGS,
+    default_config=lambda flags: os.path.join(ROOT, CONFIGS[flags.model]),
+)
 
 
 def fetch_weights(generator: str, tokenizer: str) -> tuple[str, str]:
     """Local paths of both weight files; if either cannot be had, one error that names both and the way out."""
     paths, errors = [], []
-    for what, name in (("generator", generator), ("tokenizer", tokenizer)):
+    for what, name, flag in (("generator", generator, "--generator"), ("tokenizer", tokenizer, "--tokenizer")):
         try:
-            paths.append(resolve_weights(name))
-        except FileNotFoundError as err:
-            errors.append(f"  {what}: {err}")
+            paths.append(resolve_weights(name, local_option=f"{flag} PATH"))
+        except MissingWeightsError as err:
+            errors.append(f"{what}: {err}")
     if errors:
-        names = [os.path.basename(n) for n in (generator, tokenizer)]
-        sources = ", ".join(f"{name} ({PUBLISHED.get(name, 'local file')})" for name in names)
-        raise SystemExit(
-            f"The demo needs two weight files: {sources}.\n" + "\n".join(errors) + "\n"
-            "Without access to the Hugging Face Hub, download both elsewhere and pass their local paths: "
-            "--generator PATH --tokenizer PATH"
-        )
+        raise MissingWeightsError("the demo needs two weight files; " + " | ".join(errors))
     return paths[0], paths[1]
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    config = load_config(args.config or os.path.join(ROOT, CONFIGS[args.model]))
-    generator_path, tokenizer_path = fetch_weights(
-        args.generator or GENERATOR_FILENAMES[args.model],
-        args.tokenizer or config.model.vq_model.pretrained_tokenizer_weight or TOKENIZER_FILENAME,
-    )
-    config.experiment.generator_checkpoint = generator_path
-    config.experiment.tokenizer_checkpoint = tokenizer_path
-    for key in ("guidance_scale", "guidance_scale_pow", "temperature", "top_k", "top_p"):
-        config.sampling[key] = getattr(args, key)
-    device = torch.device(args.device)
-    generator, tokenizer = load_models(config, device)
-    options = SamplingOptions.from_config(config)
-    torch.manual_seed(args.seed)  # as `torch.manual_seed(seed); generator.generate(...)` in a script
-    images = sample_images(generator, tokenizer, torch.tensor(args.classes, device=device), options, args.precision)
+def main(config, flags) -> None:
     num_classes = config.model.generator.condition_num_classes
-    grid = labelled_grid(images, [class_caption(c, num_classes) for c in args.classes], args.columns)
-    grid.save(args.out)
-    print(f"wrote {args.out}: classes {args.classes}, seed {args.seed}, {options}")
+    bad = [c for c in flags.classes if not 0 <= c < num_classes]
+    if bad:
+        raise UsageError(f"--classes: {bad[0]} is not a class id of this model (0..{num_classes - 1})")
+    generator_path, tokenizer_path = fetch_weights(
+        flags.generator or config.experiment.generator_checkpoint or GENERATOR_FILENAMES[flags.model],
+        flags.tokenizer or config.experiment.tokenizer_checkpoint or config.model.vq_model.pretrained_tokenizer_weight,
+    )
+    config.experiment.tokenizer_checkpoint = tokenizer_path
+    for key in ("guidance_scale", "guidance_scale_pow", "temperature", "top_k", "top_p", "precision"):
+        if getattr(flags, key) is not None:
+            config.sampling[key] = getattr(flags, key)
+    device = torch.device(flags.device)
+    generator = load_generator(config, generator_path).to(device)
+    tokenizer = build_tokenizer(config).to(device).eval()
+    options = SamplingOptions.from_config(config)
+    class_ids = torch.tensor(flags.classes, device=device)
+    torch.manual_seed(flags.seed)  # as `torch.manual_seed(seed); generator.generate(...)` in a script
+    images = to_uint8(sample_images(generator, tokenizer, class_ids, options))
+    save_png(labelled_grid(images, [class_caption(c, num_classes) for c in flags.classes], flags.columns), flags.out)
+    print(f"wrote {flags.out}: classes {flags.classes}, seed {flags.seed}, {options}")
 
 
 if __name__ == "__main__":
-    main()
+    run(SCRIPT, main)

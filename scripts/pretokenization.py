@@ -14,12 +14,11 @@ The tokenizer and crop size come from the config (`model.vq_model.*`, `dataset.p
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from datetime import timedelta
-from typing import Iterator, List, Tuple
+from typing import Iterator, List
 
 import torch
 import torch.distributed as dist
@@ -27,21 +26,33 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modeling.tokenizers import build_tokenizer  # noqa: E402
-from utils.config import config_from_cli  # noqa: E402
-from utils.images import center_crop_arr, list_image_folder, load_rgb, ten_crops, to_tensor  # noqa: E402
+from modeling import build_tokenizer  # noqa: E402
+from utils.cli import Script, flag_parser, run  # noqa: E402
+from utils.data.images import center_crop_arr, list_image_folder, load_rgb, ten_crops, to_tensor  # noqa: E402
+from utils.data.loader import expand_shards  # noqa: E402
+from utils.errors import DataError  # noqa: E402
+from utils.files import atomic_open  # noqa: E402
 
 CROPS_PER_IMAGE = {"center": 1, "flip": 2, "ten_crop": 10}
 
 
-def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="image folder (root/<class>/<image>) or a shard pattern (.tar)")
-    parser.add_argument("--output", required=True, help="the JSON Lines file to write")
-    parser.add_argument("--augment", choices=sorted(CROPS_PER_IMAGE), default="ten_crop")
-    parser.add_argument("--batch_size", type=int, default=64, help="images per tokenizer batch and process")
-    parser.add_argument("--num_workers", type=int, default=8, help="image-decoding workers per process (folders)")
-    return parser.parse_known_args(argv)
+FLAGS = flag_parser()
+FLAGS.add_argument("--data", required=True, help="image folder (root/<class>/<image>) or a shard pattern (.tar)")
+FLAGS.add_argument("--output", required=True, help="the JSON Lines file to write")
+FLAGS.add_argument("--augment", choices=sorted(CROPS_PER_IMAGE), default="ten_crop", help="crops per image")
+FLAGS.add_argument("--batch_size", type=int, default=64, help="images per tokenizer batch and process")
+FLAGS.add_argument("--num_workers", type=int, default=8, help="image-decoding workers per process (folders)")
+
+SCRIPT = Script(
+    usage="torchrun --nproc_per_node=K scripts/pretokenization.py config=FILE.yaml --data DIR_OR_SHARDS "
+          "--output FILE.jsonl [--augment ten_crop|flip|center] [key.sub=value ...]   (or plain python)",
+    summary="Pre-tokenize ImageNet (a class-folder tree or WebDataset shards) into JSON Lines with the config's "
+            "frozen tokenizer; resumable, several processes merge into one file.",
+    example="python scripts/pretokenization.py config=configs/rear_s.yaml --data imagenet/train "
+            "--output data/maskgitvq.jsonl --augment ten_crop",
+    sections=("model.vq_model", "experiment.tokenizer_checkpoint", "dataset.preprocessing.crop_size"),
+    flags=FLAGS,
+)
 
 
 def crops(image, size: int, augment: str) -> torch.Tensor:
@@ -62,7 +73,11 @@ class FolderImages(torch.utils.data.Dataset):
     def __getitem__(self, index):
         path, label = self.items[index]
         with open(path, "rb") as f:
-            return crops(load_rgb(f.read()), self.size, self.augment), label
+            data = f.read()
+        try:
+            return crops(load_rgb(data), self.size, self.augment), label
+        except Exception as err:  # a corrupt or truncated image: name it, whatever the decoder raised
+            raise DataError(f"{path}: cannot decode the image ({type(err).__name__}: {err})") from None
 
 
 class ShardImages(torch.utils.data.IterableDataset):
@@ -74,12 +89,18 @@ class ShardImages(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator:
         import webdataset as wds
 
-        samples = wds.DataPipeline(
-            wds.SimpleShardList(self.shards), wds.tarfile_to_samples(), wds.to_tuple("jpg;png;jpeg;webp", "cls")
-        )
-        for index, (data, label) in enumerate(samples):
+        samples = wds.DataPipeline(wds.SimpleShardList(self.shards), wds.tarfile_to_samples())
+        for index, sample in enumerate(samples):
             if index >= self.skip:
-                yield crops(load_rgb(data), self.size, self.augment), int(label)
+                yield self.decode(sample)
+
+    def decode(self, sample):
+        try:
+            image_key = next(k for k in ("jpg", "png", "jpeg", "webp") if k in sample)
+            return crops(load_rgb(sample[image_key]), self.size, self.augment), int(sample["cls"])
+        except Exception as err:  # a corrupt member: name the shard and the key, whatever the decoder raised
+            raise DataError(f"shard {sample.get('__url__', '?')} member {sample.get('__key__', '?')}: cannot decode "
+                            f"({type(err).__name__}: {err})") from None
 
 
 def resume_part(path: str, lines_per_image: int) -> int:
@@ -101,23 +122,17 @@ def resume_part(path: str, lines_per_image: int) -> int:
 
 
 def merge_parts(parts: List[str], output: str) -> None:
-    tmp = f"{output}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as out:
+    with atomic_open(output, "wb") as out:
         for part in parts:
             with open(part, "rb") as f:
                 while chunk := f.read(1 << 24):
                     out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, output)
     for part in parts:
         os.remove(part)
         os.remove(part + ".done")
 
 
-def main(argv=None) -> None:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    config = config_from_cli(overrides)
+def main(config, args) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     parts = [f"{args.output}.part-{r}-of-{world}" for r in range(world)]
     if os.path.isfile(args.output) and not any(os.path.exists(p) for p in parts):
@@ -128,21 +143,20 @@ def main(argv=None) -> None:
     rank = dist.get_rank() if world > 1 else 0
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     size, per_image = config.dataset.preprocessing.crop_size, CROPS_PER_IMAGE[args.augment]
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     part = parts[rank]
 
     done = resume_part(part, per_image) if not os.path.isfile(part + ".done") else None
     if done is not None:
+        # The tokenizer and the images are found before anything is written.
+        tokenizer = build_tokenizer(config).to(device)
         if os.path.isdir(args.data):
             items = list_image_folder(args.data)[0][rank::world]
             dataset, total, workers = FolderImages(items[done:], size, args.augment), len(items), args.num_workers
         else:  # read in order by this process alone, so that a resumed run can count what to skip
-            from utils.data import expand_shards
-
             shards = expand_shards(args.data)[rank::world]
             dataset, total, workers = ShardImages(shards, size, args.augment, done), None, 0
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
-        tokenizer = build_tokenizer(config).to(device)
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         progress = tqdm(total=total, initial=done, unit="img", disable=rank != 0, desc="pre-tokenizing")
         with open(part, "a") as out, torch.no_grad():
             for images, labels in loader:
@@ -163,4 +177,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(SCRIPT, main)

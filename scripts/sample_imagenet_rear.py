@@ -1,11 +1,12 @@
-"""Sample class-balanced images for FID: `experiment.output_dir=DIR` → `DIR.npz` (`arr_0`, uint8 (N, H, W, 3)).
+"""Sample class-balanced images for FID: `experiment.output_dir=DIR` → `DIR.npz` (`arr_0` uint8 (N, H, W, 3), plus the
+sampled `tokens` and `labels`).
 
     torchrun --nproc_per_node=8 scripts/sample_imagenet_rear.py config=configs/rear_s.yaml \\
         experiment.generator_checkpoint=reAR-S.safetensors experiment.output_dir=runs/samples/rear_s
 
 Also runs as a plain `python` process. `sampling.*` sets the size, seed, guidance and precision. The images are
 fixed by `sampling.seed` and `sampling.per_proc_batch_size` whatever the number of processes; an interrupted run
-continues where it stopped when the same command is run again. See utils/sampling.py.
+continues where it stopped when the same command is run again. See utils/fid_samples/run.py.
 """
 
 from __future__ import annotations
@@ -13,22 +14,29 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
 
-from utils.config import config_from_cli  # noqa: E402
-from utils.sampling import (  # noqa: E402
-    SamplingOptions,
-    batch_bounds,
-    load_models,
-    make_shards,
-    merge_shards,
-    npz_path,
-    prepare_sample_dir,
-    settings_of,
+from modeling import build_tokenizer, load_generator  # noqa: E402
+from modeling.sampler import SamplingOptions, effective_precision, generate_tokens, to_uint8  # noqa: E402
+from utils.cli import Script, run  # noqa: E402
+from utils.errors import UsageError  # noqa: E402
+from utils.fid_samples.run import class_labels, make_shards, merge_shards, npz_path, prepare_sample_dir  # noqa: E402
+from utils.weights import describe_file  # noqa: E402
+
+SCRIPT = Script(
+    usage="torchrun --nproc_per_node=K scripts/sample_imagenet_rear.py config=FILE.yaml "
+          "experiment.generator_checkpoint=W experiment.output_dir=DIR [key.sub=value ...]   (or plain python)",
+    summary="Sample class-balanced images for FID into DIR.npz (arr_0 as the ADM evaluator reads it, plus tokens "
+            "and labels): resumable, and the same bytes for any number of processes.",
+    example="python scripts/sample_imagenet_rear.py config=configs/rear_s.yaml "
+            "experiment.generator_checkpoint=reAR-S.safetensors experiment.output_dir=runs/samples/rear_s",
+    sections=("experiment.generator_checkpoint", "experiment.tokenizer_checkpoint", "experiment.output_dir",
+              "sampling"),
 )
 
 
@@ -71,30 +79,67 @@ def barrier() -> None:
         dist.barrier()
 
 
-def main(argv: list[str]) -> None:
-    config = config_from_cli(argv)
+def sample_batch(generator, tokenizer, options: SamplingOptions, class_ids: torch.Tensor):
+    """uint8 images (B, H, W, 3) and int32 tokens (B, N) for raw labels (B,), from the global random state."""
+    tokens = generate_tokens(generator, class_ids, options)
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=options.precision == "bf16"
+                                          and class_ids.device.type == "cuda"):
+        images = tokenizer.decode_tokens(tokens)
+    return to_uint8(images), tokens.to("cpu", torch.int32).numpy()
+
+
+def settings_of(config, options: SamplingOptions, device: torch.device) -> dict:
+    """Everything the sampled bytes depend on, to guard resumed runs (the weights by path and size)."""
+    s, e = config.sampling, config.experiment
+    tokenizer = e.tokenizer_checkpoint or config.model.vq_model.pretrained_tokenizer_weight
+    return {
+        "num_samples": s.num_samples,
+        "num_classes": config.model.generator.condition_num_classes,
+        "per_proc_batch_size": s.per_proc_batch_size,
+        "seed": s.seed,
+        "device_type": device.type,
+        "backbone": config.model.generator.backbone,
+        "generator_checkpoint": describe_file(e.generator_checkpoint),
+        "tokenizer_checkpoint": describe_file(tokenizer),
+        **options.settings(),
+        "precision": effective_precision(options.precision, device),
+    }
+
+
+def main(config, flags=None) -> None:
+    s, sample_dir = config.sampling, config.experiment.output_dir
+    if not config.experiment.generator_checkpoint:
+        raise UsageError("set experiment.generator_checkpoint=PATH (a local file or a released name, "
+                         "e.g. reAR-S.safetensors)")
+    class_labels(s.num_samples, config.model.generator.condition_num_classes)  # a bad count fails before any work
     rank, world_size, device = setup_distributed()
-    sample_dir = config.experiment.output_dir
+    if device.type == "cuda":  # as the original sampler ran: fp32 with TF32 matmuls (bf16 is an opt-in)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     options = SamplingOptions.from_config(config)
-    settings = settings_of(config, options, device)
-    # rank 0 first, alone: it creates the folder and records the settings
-    complete = on_rank0_first(lambda: prepare_sample_dir(sample_dir, settings), rank)
+    # (under torchrun, a rank that fails here ends the whole group)
+    generator = load_generator(config, config.experiment.generator_checkpoint).to(device)
+    tokenizer = build_tokenizer(config).to(device).eval()
+    # Only now, with the models loaded, is the folder made: a run that fails at start-up leaves nothing behind.
+    complete = on_rank0_first(lambda: prepare_sample_dir(sample_dir, settings_of(config, options, device)), rank)
     if complete:
         if rank == 0:
             print(f"{npz_path(sample_dir)} is complete; nothing to do")
     else:
-        generator, tokenizer = load_models(config, device)
         if rank == 0:
-            print(f"sampling {config.sampling.num_samples} images with {options} on {world_size} x {device.type}")
-        make_shards(generator, tokenizer, config, options, rank, world_size, device)
+            print(f"sampling {s.num_samples} images with {options} on {world_size} x {device.type}")
+        make_shards(partial(sample_batch, generator, tokenizer, options), sample_dir, s.num_samples,
+                    config.model.generator.condition_num_classes, s.per_proc_batch_size, s.seed, rank, world_size,
+                    device, s.save_png)
         barrier()
         if rank == 0:
-            shape = merge_shards(sample_dir, config.sampling.num_samples, config.sampling.per_proc_batch_size)
-            print(f"wrote {npz_path(sample_dir)}: arr_0 uint8 {shape}")
+            shapes = merge_shards(sample_dir, s.num_samples, s.per_proc_batch_size)
+            print(f"wrote {npz_path(sample_dir)}: arr_0 uint8 {shapes['arr_0']}, tokens {shapes['tokens']}, "
+                  f"labels {shapes['labels']}")
     barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(SCRIPT, main)

@@ -41,3 +41,16 @@ def prefixed(tensors, prefix):
 def _single_thread_determinism():
     torch.set_num_threads(2)
     yield
+
+
+def load_script(name):
+    """scripts/<name>.py as a module (scripts/ is not a package), registered like an imported one."""
+    import importlib.util
+    import sys
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, FIXTURES.parent.parent / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

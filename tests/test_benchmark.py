@@ -1,11 +1,10 @@
 """scripts/benchmark.py: the model-FLOP count by hand, and a tiny run that writes the JSON it promises."""
 
-import importlib.util
 import json
 
 import torch
 
-from conftest import FIXTURES
+from conftest import FIXTURES, load_script
 from modeling.rear import ReAR
 from utils.config import load_config
 
@@ -13,11 +12,7 @@ ROOT = FIXTURES.parent.parent
 
 
 def load_benchmark():
-    """scripts/benchmark.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark")
 
 
 def test_forward_flops_of_rear_tiny_by_hand():
@@ -37,12 +32,14 @@ def test_forward_flops_of_rear_tiny_by_hand():
 def test_tiny_run_writes_its_json(tmp_path):
     benchmark = load_benchmark()
     out = tmp_path / "bench.json"
-    benchmark.main(["--device", "cpu", "--batch-size", "4", "--steps", "2", "--repeats", "1", "--json", str(out)])
+    benchmark.run(benchmark.SCRIPT, benchmark.main,
+                  ["--device", "cpu", "--batch-size", "4", "--steps", "2", "--repeats", "1", "--json", str(out)])
     result = json.loads(out.read_text())
     assert result["meta"]["device"] == "cpu" and result["meta"]["batch_size"] == 4
     assert result["model"]["peak_flops"] is None
     training = result["training"]
-    assert set(training) == {"plain", "ours"}
+    assert list(training) == ["original", "ours", "dense_fp32"]
+    assert training["original"]["description"].startswith("original reAR: bf16 autocast, bool-mask SDPA")
     for entry in training.values():
         assert entry["mfu"] is None  # no peak FLOP/s for a CPU
         for key in ("samples_per_s", "tokens_per_s", "peak_memory_mb", "speedup"):

@@ -120,7 +120,7 @@ def test_wrong_type_names_key():
 
 
 def test_missing_config_file():
-    with pytest.raises(FileNotFoundError, match="configs/nope.yaml"):
+    with pytest.raises(ConfigError, match="config file not found: configs/nope.yaml"):
         load_config("configs/nope.yaml")
 
 

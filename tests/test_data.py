@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.data import ResumableSampler, training_dataset
-from utils.images import center_crop_arr, ten_crops
+from utils.data.loader import ResumableSampler, training_dataset
+from utils.data.images import center_crop_arr, ten_crops
 from utils.config import load_config
-from utils.pretokenized import DataError, cache_path, open_pretokenized
+from utils.errors import DataError
+from utils.data.pretokenized import cache_path, open_pretokenized
 
 
 def write_jsonl(path, records, extra_lines=()):
@@ -54,7 +55,7 @@ def test_changed_file_is_converted_again(tmp_path):
     write_jsonl(path, new)
     second = open_pretokenized(str(path))
     assert first.directory != second.directory and len(second) == 4
-    assert second[2]["tokens"].tolist() == new[2]["tokens"]
+    assert second.__getitems__([2])["tokens"][0].tolist() == new[2]["tokens"]
 
 
 def test_corrupt_line_is_reported_with_its_number(tmp_path):
@@ -109,12 +110,12 @@ def test_ids_beyond_the_model_are_errors_naming_the_line(tmp_path):
 
 
 def test_missing_data_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pre-tokenized data not found: .*nothere.jsonl"):
+    with pytest.raises(DataError, match="pre-tokenized data not found: .*nothere.jsonl"):
         training_dataset(config_for(tmp_path / "nothere.jsonl"), tokenizer=None)
     config = load_config(None, [f"dataset.params.train_shards_path_or_url={tmp_path}/shard-{{0000..0003}}.tar"])
-    from utils.data import shard_loader
+    from utils.data.loader import shard_loader
 
-    with pytest.raises(FileNotFoundError, match=r"4 of 4 training shards not found"):
+    with pytest.raises(DataError, match=r"4 of 4 training shards not found"):
         shard_loader(config, step=0)
 
 
@@ -158,7 +159,7 @@ def test_ten_crops_equal_torchvision_ten_crop():
 
 
 def test_shard_labels_beyond_the_model_are_errors():
-    from utils.data import as_batch
+    from utils.data.loader import as_batch
 
     batch = as_batch((torch.zeros(2, 3, 4, 4), [3, 9]), num_classes=10)
     assert batch["class_ids"].tolist() == [3, 9] and batch["images"].shape == (2, 3, 4, 4)

@@ -1,6 +1,5 @@
 """scripts/demo.py: a labelled grid from tiny local weights, and the offline error that names both files."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,20 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import load_script
 from modeling.rear import ReAR
 from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN
 from tiny_models import ROOT, TINY_CONFIG, one_thread, write_tiny_weights
 from utils.config import load_config
-from utils.image_grid import class_caption, imagenet_class_names, labelled_grid
+from utils.grids import class_caption, imagenet_class_names, labelled_grid
 
 DEMO = ROOT / "scripts" / "demo.py"
 
 
-def load_demo():
-    spec = importlib.util.spec_from_file_location("demo", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_demo(argv):
+    demo = load_script("demo")
+    demo.run(demo.SCRIPT, demo.main, argv)
 
 
 def test_imagenet_class_names():
@@ -49,10 +47,10 @@ def test_grid_keeps_pixels_exact_and_writes_captions():
 def test_demo_writes_the_samples_of_the_seed(tmp_path):
     generator_path, tokenizer_path = write_tiny_weights(tmp_path)
     out = tmp_path / "grid.png"
-    argv = ["--config", str(TINY_CONFIG), "--generator", generator_path, "--tokenizer", tokenizer_path,
+    argv = [f"config={TINY_CONFIG}", "--generator", generator_path, "--tokenizer", tokenizer_path,
             "--classes", "1", "7", "3", "--seed", "3", "--out", str(out), "--device", "cpu"]
     with one_thread():
-        load_demo().main(argv)
+        run_demo(argv)
         generator = ReAR.from_pretrained(load_config(str(TINY_CONFIG)), generator_path)
         tokenizer = MaskGITVQGAN.from_pretrained(tokenizer_path)
         torch.manual_seed(3)
@@ -73,6 +71,7 @@ def test_offline_error_names_both_files_and_the_local_options(tmp_path, model):
     )
     assert result.returncode == 1
     for needed in ("reAR-L.safetensors", "qyoo/reAR", "maskgit-vqgan-imagenet-f16-256.bin", "fun-research/TiTok",
-                   "--generator PATH --tokenizer PATH"):
+                   "--generator PATH", "--tokenizer PATH", "https://huggingface.co/qyoo/reAR/resolve/main/reAR-L.safetensors",
+                   "1.90 GB"):
         assert needed in result.stderr
     assert not (tmp_path / "grid.png").exists()

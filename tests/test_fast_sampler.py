@@ -7,8 +7,9 @@ import torch
 
 from conftest import prefixed
 from modeling.fast_sampler import FastSampler, decode_in_batches
-from modeling.losses import noisy_context, rear_loss
-from modeling.rear import ReAR, cfg_scale_at
+from modeling.objective import noisy_context, rear_loss
+from modeling.rear import ReAR
+from modeling.sampler import cfg_scale_at
 from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN
 from test_benchmark import load_benchmark
 
@@ -116,9 +117,9 @@ def loss_and_gradients(model, golden, seed=0):
 
 
 def test_dense_float_mask_equals_is_causal(golden_generator, golden):
-    dense_mask_attention = load_benchmark().dense_mask_attention
+    masked_attention = load_benchmark().masked_attention
     logits, loss, grads = loss_and_gradients(golden_generator, golden)
-    with dense_mask_attention():
+    with masked_attention("float"):
         dense_logits, dense_loss, dense_grads = loss_and_gradients(golden_generator, golden)
     torch.testing.assert_close(dense_logits, logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dense_loss, loss, atol=1e-6, rtol=1e-6)
@@ -129,8 +130,8 @@ def test_dense_float_mask_equals_is_causal(golden_generator, golden):
 def test_dense_float_mask_really_masks(golden_generator, golden):
     # Without a mask at all the logits would change: the emulation must put the causal mask back.
     _, t = golden
-    dense_mask_attention = load_benchmark().dense_mask_attention
-    with dense_mask_attention():
+    masked_attention = load_benchmark().masked_attention
+    with masked_attention("float"):
         dense = golden_generator(t["input.tokens"], t["input.class_ids"]).logits
     torch.testing.assert_close(dense, t["expected.logits"], atol=2e-5, rtol=1e-5)
 

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from conftest import FIXTURES, prefixed
 from modeling.tokenizers import build_tokenizer
-from modeling.tokenizers.maskgit_vqgan import RELEASED_CONFIG, MaskGITVQGAN, config_from_state_dict, load_maskgit_vqgan
+from modeling.tokenizers.maskgit_vqgan import RELEASED_CONFIG, MaskGITVQGAN, config_from_state_dict
 from utils.config import validate
 
 
@@ -63,7 +63,7 @@ def test_load_round_trip(tiny, golden, tmp_path, suffix):
     path = tmp_path / f"vqgan{suffix}"
     state = {k: v.contiguous() for k, v in tiny.state_dict().items()}
     torch.save(state, path) if suffix == ".bin" else save_file(state, str(path))
-    loaded = load_maskgit_vqgan(str(path), meta["vqgan_config"])
+    loaded = MaskGITVQGAN.from_pretrained(str(path), meta["vqgan_config"])
     assert torch.equal(loaded.encode(tensors["vqgan_input.images"]), tensors["vqgan_expected.tokens"])
 
 
@@ -108,8 +108,8 @@ def test_unknown_config_key_raises():
 
 
 def test_factory_unknown_model_type():
-    config = validate({"model": {"vq_model": {"model_type": "vqgan_plus"}}})
-    with pytest.raises(ValueError, match="vqgan_plus.*maskgit_vqgan"):
+    config = validate({"model": {"vq_model": {"model_type": "no_such_tokenizer"}}})
+    with pytest.raises(ValueError, match="no_such_tokenizer.*maskgit_vqgan"):
         build_tokenizer(config)
 
 

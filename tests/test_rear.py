@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from modeling.rear import ReAR, cfg_scale_at, filter_logits
+from modeling.rear import ReAR
+from modeling.sampler import cfg_scale_at, filter_logits
 from conftest import FIXTURES
 from utils.config import load_config
 

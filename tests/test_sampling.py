@@ -1,4 +1,5 @@
-"""utils/sampling.py: the class schedule, seeds, options, uint8 conversion and the streamed .npz."""
+"""The 50k-sample run (utils/fid_samples/run.py): class plan, seeds, the streamed .npz; the sampling options and
+uint8 conversion of modeling/sampler.py."""
 
 import io
 import zipfile
@@ -9,15 +10,15 @@ import torch
 
 from tiny_models import TINY_CONFIG
 from utils.config import load_config
-from utils.sampling import (
-    SamplingOptions,
+from modeling.sampler import SamplingOptions, effective_precision, to_uint8
+from utils.errors import OutputError, UserError
+from utils.fid_samples.run import (
     batch_bounds,
     batch_seed,
     batches_of_rank,
     class_labels,
-    effective_precision,
     prepare_sample_dir,
-    to_uint8,
+    save_shard,
     write_npz_from_shards,
 )
 
@@ -27,7 +28,7 @@ def test_class_labels_in_order_and_balanced():
     assert labels.dtype == np.int64 and labels.shape == (50_000,)
     assert np.array_equal(np.bincount(labels), np.full(1000, 50))
     assert labels[[0, 49, 50, 99, 100, 49_999]].tolist() == [0, 0, 1, 1, 2, 999]
-    with pytest.raises(ValueError, match="multiple of the 1000 classes"):
+    with pytest.raises(UserError, match="multiple of the 1000 classes"):
         class_labels(50_001, 1000)
 
 
@@ -49,19 +50,18 @@ def test_batch_seeds_are_fixed_and_distinct():
 
 def test_options_default_to_the_models_released_settings():
     config = load_config(str(TINY_CONFIG))
-    assert SamplingOptions.from_config(config) == SamplingOptions(4.0, 2.75, 1.0, None, None, True)
+    assert SamplingOptions.from_config(config) == SamplingOptions(4.0, 2.75, 1.0, None, None, True, "fast", "fp32")
     config = load_config(
         str(TINY_CONFIG),
-        ["sampling.guidance_scale=0", "sampling.temperature=0.9", "sampling.top_k=5", "model.generator.kv_cache=false"],
+        ["sampling.guidance_scale=0", "sampling.temperature=0.9", "sampling.top_k=5", "model.generator.kv_cache=false",
+         "sampling.sampler=plain", "sampling.precision=bf16"],
     )
-    assert SamplingOptions.from_config(config) == SamplingOptions(0.0, 2.75, 0.9, 5, None, False)
+    assert SamplingOptions.from_config(config) == SamplingOptions(0.0, 2.75, 0.9, 5, None, False, "plain", "bf16")
 
 
 def test_bf16_only_on_cuda():
     assert effective_precision("bf16", torch.device("cpu")) == "fp32"
     assert effective_precision("bf16", torch.device("cuda", 0)) == "bf16"
-    with pytest.raises(ValueError, match="sampling.precision"):
-        effective_precision("fp16", torch.device("cpu"))
 
 
 def test_to_uint8_truncates_like_the_original():
@@ -71,40 +71,49 @@ def test_to_uint8_truncates_like_the_original():
     assert out.transpose(0, 3, 1, 2).ravel().tolist() == [0, 0, 127, 254, 255, 255]
 
 
-def test_streamed_npz_is_byte_identical_to_np_savez(tmp_path):
+def shards_of(tmp_path, sizes, image_shape=(5, 4, 3), prefix="s"):
     rng = np.random.default_rng(0)
-    shards = [rng.integers(0, 256, (n, 5, 4, 3), dtype=np.uint8) for n in (3, 3, 2)]
-    paths = []
-    for i, shard in enumerate(shards):
-        paths.append(str(tmp_path / f"s{i}.npy"))
-        np.save(paths[-1], shard)
-    shape = write_npz_from_shards(str(tmp_path / "out.npz"), paths, chunk_rows=2)
-    assert shape == (8, 5, 4, 3)
+    arrays, paths = [], []
+    for i, n in enumerate(sizes):
+        arrays.append({"arr_0": rng.integers(0, 256, (n, *image_shape), dtype=np.uint8),
+                       "tokens": rng.integers(0, 1024, (n, 7), dtype=np.int32),
+                       "labels": np.arange(n, dtype=np.int64)})
+        paths.append(str(tmp_path / f"{prefix}{i}.npz"))
+        save_shard(paths[-1], arrays[-1])
+    return arrays, paths
+
+
+def test_streamed_npz_is_byte_identical_to_np_savez(tmp_path):
+    arrays, paths = shards_of(tmp_path, (3, 3, 2))
+    shapes = write_npz_from_shards(str(tmp_path / "out.npz"), paths)
+    assert shapes == {"arr_0": (8, 5, 4, 3), "tokens": (8, 7), "labels": (8,)}
     expected = io.BytesIO()
-    np.savez(expected, arr_0=np.concatenate(shards))
+    np.savez(expected, **{k: np.concatenate([a[k] for a in arrays]) for k in ("arr_0", "tokens", "labels")})
     written = (tmp_path / "out.npz").read_bytes()
     assert written == expected.getvalue()
     with zipfile.ZipFile(tmp_path / "out.npz") as archive:
-        assert archive.namelist() == ["arr_0.npy"]
+        assert archive.namelist() == ["arr_0.npy", "tokens.npy", "labels.npy"]
         assert archive.getinfo("arr_0.npy").compress_type == zipfile.ZIP_STORED
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp-*"))
 
 
 def test_streamed_npz_refuses_mismatched_shards(tmp_path):
-    np.save(tmp_path / "a.npy", np.zeros((2, 4, 4, 3), np.uint8))
-    np.save(tmp_path / "b.npy", np.zeros((2, 8, 8, 3), np.uint8))
-    with pytest.raises(ValueError, match="b.npy holds"):
-        write_npz_from_shards(str(tmp_path / "out.npz"), [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")])
-    assert not (tmp_path / "out.npz").exists()
+    _, a = shards_of(tmp_path, (2,), (4, 4, 3), prefix="a")
+    _, b = shards_of(tmp_path, (2,), (8, 8, 3), prefix="b")
+    with pytest.raises(UserError, match="b0.npz holds arr_0"):
+        write_npz_from_shards(str(tmp_path / "out.npz"), a + b)
+    assert not (tmp_path / "out.npz").exists() and not list(tmp_path.glob("out.npz*"))
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path):
     folder = str(tmp_path / "samples")
-    settings = {"seed": 0, "per_proc_batch_size": 4}
+    settings = {"seed": 0, "per_proc_batch_size": 4, "generator_checkpoint": "a.safetensors (10 bytes)"}
     assert prepare_sample_dir(folder, settings) is False
     assert prepare_sample_dir(folder, settings) is False
-    with pytest.raises(ValueError, match=r"seed: 0 -> 1"):
+    with pytest.raises(OutputError, match=r"seed: 0 \(there\) vs 1 \(now\)"):
         prepare_sample_dir(folder, {**settings, "seed": 1})
+    with pytest.raises(OutputError, match=r"a.safetensors \(10 bytes\)' \(there\) vs 'b.safetensors \(10 bytes\)'"):
+        prepare_sample_dir(folder, {**settings, "generator_checkpoint": "b.safetensors (10 bytes)"})
     (tmp_path / "other.npz").write_bytes(b"")
-    with pytest.raises(FileExistsError, match="other.npz"):
+    with pytest.raises(OutputError, match="other.npz"):
         prepare_sample_dir(str(tmp_path / "other"), settings)

@@ -1,7 +1,6 @@
 """scripts/sample_imagenet_rear.py end to end with tiny random weights: one process, torchrun with two (gloo),
 a run killed midway and resumed. The .npz bytes must not depend on any of that."""
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -12,22 +11,25 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_script
 from modeling.rear import ReAR
 from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN
 from tiny_models import ROOT, TINY_CONFIG, one_thread, write_tiny_weights
 from utils.config import load_config
-from utils.sampling import batch_seed
+from utils.cli import parse
+from utils.errors import OutputError
+from utils.fid_samples.run import batch_seed
 
 SCRIPT = ROOT / "scripts" / "sample_imagenet_rear.py"
 NUM_SAMPLES, BATCH, SEED = 40, 3, 7  # 10 classes x 4; 14 batches, the last of one image
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count everywhere: same float sums, same bytes
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the venv's own, whatever is on PATH
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("sample_imagenet_rear", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def sample(argv):
+    """The sampler as its __main__ runs it, in this process."""
+    script = load_script("sample_imagenet_rear")
+    script.main(*parse(argv, script.SCRIPT))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def arguments(weights, output_dir):
 
 def run_in_process(weights, output_dir):
     with one_thread():
-        load_script().main(arguments(weights, output_dir))
+        sample(arguments(weights, output_dir))
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +64,17 @@ def reference(weights, tmp_path_factory):
 
 def load_npz(path):
     with np.load(path) as npz:
-        assert list(npz.keys()) == ["arr_0"]
-        return npz["arr_0"]
+        assert list(npz.keys()) == ["arr_0", "tokens", "labels"]
+        return npz["arr_0"], npz["tokens"], npz["labels"]
 
 
 def test_one_process_writes_class_ordered_seeded_samples(weights, reference, tmp_path):
     path = tmp_path / "ref.npz"
     path.write_bytes(reference)
-    samples = load_npz(path)
+    samples, sampled_tokens, labels = load_npz(path)
     assert samples.dtype == np.uint8 and samples.shape == (NUM_SAMPLES, 16, 16, 3)
+    assert sampled_tokens.dtype == np.int32 and sampled_tokens.shape == (NUM_SAMPLES, 16)
+    assert np.array_equal(labels, np.arange(NUM_SAMPLES) // 4)
     # Batch 2 holds samples 6, 7, 8: classes 1, 1, 2 (4 per class, in order), drawn from the seed of batch 2.
     config = load_config(str(TINY_CONFIG))
     generator = ReAR.from_pretrained(config, weights[0])
@@ -81,16 +85,17 @@ def test_one_process_writes_class_ordered_seeded_samples(weights, reference, tmp
             torch.manual_seed(batch_seed(SEED, 2))
             tokens = generator.generate(torch.tensor(classes), guidance_scale=4.0, guidance_scale_pow=2.75)
             images = tokenizer.decode_tokens(tokens)
-        return (images.clamp(0, 1) * 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()
+        return (images.clamp(0, 1) * 255).permute(0, 2, 3, 1).to(torch.uint8).numpy(), tokens.numpy()
 
-    assert np.array_equal(samples[6:9], batch([1, 1, 2]))
-    assert not np.array_equal(samples[6:9], batch([1, 2, 2]))  # the class shows in the pixels
+    images, tokens = batch([1, 1, 2])
+    assert np.array_equal(samples[6:9], images) and np.array_equal(sampled_tokens[6:9], tokens)
+    assert not np.array_equal(samples[6:9], batch([1, 2, 2])[0])  # the class shows in the pixels
     assert len({samples[i].tobytes() for i in range(NUM_SAMPLES)}) == NUM_SAMPLES
 
 
 def test_two_processes_under_torchrun_give_the_same_bytes(weights, reference, tmp_path):
     output_dir = tmp_path / "samples"
-    command = ["torchrun", "--standalone", "--nproc_per_node=2", str(SCRIPT), *arguments(weights, output_dir)]
+    command = [*TORCHRUN, "--standalone", "--nproc_per_node=2", str(SCRIPT), *arguments(weights, output_dir)]
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 x cpu" in result.stdout
@@ -106,15 +111,15 @@ def test_killed_run_resumes_to_the_same_bytes(weights, reference, tmp_path):
         command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.time() + 120
-    while len(list(shards.glob("batch_*.npy"))) < 3 and process.poll() is None and time.time() < deadline:
+    while len(list(shards.glob("batch_*.npz"))) < 3 and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    done = sorted(p.name for p in shards.glob("batch_*.npy"))
+    done = sorted(p.name for p in shards.glob("batch_*.npz"))
     assert 3 <= len(done) < 14 and not (tmp_path / "samples.npz").exists()
     # Also lose a finished shard and leave a torn temporary file behind, as a crash in np.save would.
     (shards / done[1]).unlink()
-    (shards / "batch_000013.npy.999.tmp").write_bytes(b"\x93NUMPY torn")
+    (shards / "batch_000013.npz.tmp-999").write_bytes(b"PK torn")
     run_in_process(weights, output_dir)
     assert (tmp_path / "samples.npz").read_bytes() == reference
     assert not shards.exists()
@@ -128,8 +133,8 @@ def test_rerun_of_a_finished_run_changes_nothing_and_other_settings_are_refused(
     assert "complete; nothing to do" in capsys.readouterr().out
     assert (tmp_path / "samples.npz").stat().st_mtime_ns == written
     assert (tmp_path / "samples.npz").read_bytes() == reference
-    with pytest.raises(ValueError, match="seed: 7 -> 8"):
-        load_script().main(arguments(weights, output_dir) + ["sampling.seed=8"])
+    with pytest.raises(OutputError, match=r"seed: 7 \(there\) vs 8 \(now\)"):
+        sample(arguments(weights, output_dir) + ["sampling.seed=8"])
 
 
 def test_rear_test_sh_samples_then_evaluates(tmp_path):
@@ -159,11 +164,12 @@ def test_refusal_on_rank_0_stops_every_rank_under_torchrun(weights, reference, t
     output_dir = tmp_path / "samples"
     output_dir.mkdir()
     run_in_process(weights, output_dir)  # a finished run with seed 7
-    command = ["torchrun", "--standalone", "--nproc_per_node=2", str(SCRIPT), *arguments(weights, output_dir), "sampling.seed=8"]
+    command = [*TORCHRUN, "--standalone", "--nproc_per_node=2", str(SCRIPT), *arguments(weights, output_dir),
+               "sampling.seed=8"]
     start = time.time()
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "seed: 7 -> 8" in result.stderr
+    assert "seed: 7 (there) vs 8 (now)" in result.stderr
     assert "rank 1: stopping, rank 0 failed" in result.stderr
     assert time.time() - start < 60  # not the barrier's timeout
     assert (tmp_path / "samples.npz").read_bytes() == reference  # untouched

@@ -6,7 +6,7 @@ import torch
 from modeling.tokenizers import build_tokenizer
 from modeling.tokenizers.toy import PatchKMeansTokenizer
 from utils.config import load_config
-from utils.toy_data import ToyClassifier, toy_images
+from utils.data.toy import ToyClassifier, toy_images
 
 TOY = "configs/rear_toy.yaml"
 
@@ -44,15 +44,21 @@ def test_tokenizer_round_trip_and_codebook_features(toy):
     features = tokenizer.get_quantized_states(tokens)
     assert features.shape == (8, 64, 48)
     assert torch.equal(features[0, 9].view(3, 4, 4), decoded[0, :, 4:8, 4:8])  # token 9: row 1, column 1
-    with pytest.raises(ValueError, match=r"token ids must be in \[0, 64\)"):
+    with pytest.raises(ValueError, match=r"token 64 is outside the codebook range \[0, 64\)"):
         tokenizer.get_quantized_states(torch.tensor([[64]]))
 
 
 def test_build_tokenizer_fits_from_the_config_or_loads_a_checkpoint(tmp_path):
+    from utils.data.toy import tokenizer_fit_images
+    from utils.errors import MissingWeightsError
+
     config = load_config(TOY, ["dataset.toy.num_images=300"])
-    tokenizer = build_tokenizer(config)
+    with pytest.raises(MissingWeightsError, match="training fits it .* experiment.tokenizer_checkpoint="):
+        build_tokenizer(config)  # only training fits it; everything else loads the fitted one
+    tokenizer = build_tokenizer(config, fit_images=tokenizer_fit_images(config))
     assert (tokenizer.codebook_size, tokenizer.token_size) == (64, 48)
-    assert torch.equal(build_tokenizer(config).codebook, tokenizer.codebook)  # same seed, same codebook
+    refit = build_tokenizer(config, fit_images=tokenizer_fit_images(config))
+    assert torch.equal(refit.codebook, tokenizer.codebook)  # same seed, same codebook
     from safetensors.torch import save_file
 
     save_file(tokenizer.state_dict(), str(tmp_path / "tok.safetensors"))
@@ -61,5 +67,6 @@ def test_build_tokenizer_fits_from_the_config_or_loads_a_checkpoint(tmp_path):
     save_file({"codebook": torch.zeros(32, 48)}, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(ValueError, match=r"shape mismatch: codebook: checkpoint \(32, 48\) vs model \(64, 48\)"):
         build_tokenizer(load_config(TOY, [f"experiment.tokenizer_checkpoint={tmp_path / 'wrong.safetensors'}"]))
-    with pytest.raises(ValueError, match="token_size is 12 but the 'toy' tokenizer has 48"):
-        build_tokenizer(load_config(TOY, ["model.vq_model.token_size=12", "dataset.toy.num_images=300"]))
+    with pytest.raises(ValueError, match="token_size' is 12 but the 'toy' tokenizer has 48"):
+        config = load_config(TOY, ["model.vq_model.token_size=12", "dataset.toy.num_images=300"])
+        build_tokenizer(config, fit_images=tokenizer_fit_images(config))

@@ -1,7 +1,6 @@
 """End-to-end training on the toy data set: it learns the classes, resumes exactly, runs on two processes,
 and stops on a non-finite loss without touching the last checkpoint."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,16 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import load_script
+
 from modeling.rear import ReAR
-from utils.checkpointing import NonFiniteError, list_checkpoints
-from utils.config import load_config
+from modeling.objective import Objective
+from utils.config import config_from_cli, load_config
+from utils.errors import OutputError
+from utils.training.resume import NonFiniteError, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "configs" / "rear_toy.yaml")
 
-spec = importlib.util.spec_from_file_location("train_rear", ROOT / "scripts" / "train_rear.py")
-train_rear = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_rear)
+train_rear = load_script("train_rear")
 
 # A very small generator on a small toy set: seconds a run.
 TINY = [
@@ -40,7 +41,7 @@ TINY = [
 
 def run(output_dir, *overrides):
     torch.set_num_threads(1)  # tiny ops: one thread is as fast, and immune to other processes on the cores
-    return train_rear.main([f"config={TOY}", f"experiment.output_dir={output_dir}", *TINY, *overrides])
+    return train_rear.main(config_from_cli([f"config={TOY}", f"experiment.output_dir={output_dir}", *TINY, *overrides]))
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -80,26 +81,31 @@ def test_outputs_load_with_from_pretrained(tmp_path):
     assert summary["toy_num_samples"] == 10
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "logs")).Reload()
+    events = EventAccumulator(str(tmp_path / "logs" / "rear")).Reload()  # accelerate's folder: logs/<project>
     assert set(events.Tags()["scalars"]) == {
         "loss", "ce", "encode_alignment", "decode_alignment", "token_accuracy", "grad_norm", "noise_rate", "lr",
-        "epoch", "data_pass", "samples_per_second",
+        "epoch", "data_pass", "samples_per_second", "samples_per_second_per_process",
+        # the original release's names for the same values
+        "train/loss", "train/ar_loss", "train/proj_loss", "train/correct_tokens", "lr/generator", "lr/random_ratio",
+        "samples/sec/gpu",
     }
+    proj = events.Scalars("train/proj_loss")[0].value
+    assert proj == pytest.approx(events.Scalars("encode_alignment")[0].value + events.Scalars("decode_alignment")[0].value)
     assert [e.step for e in events.Scalars("loss")] == [2]
     assert events.Scalars("epoch")[0].value == pytest.approx(2 * 8 / 10_000)
     assert events.Tags()["images"] == ["samples"]
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    objective = train_rear.rear_objective
+    objective = Objective.__call__
 
-    def diverging(model, tokenizer, tokens, class_ids, step, config):
-        parts = objective(model, tokenizer, tokens, class_ids, step, config)
+    def diverging(self, model, tokens, class_ids, step):
+        parts = objective(self, model, tokens, class_ids, step)
         if step >= 3:  # the 4th update
             parts.loss = parts.loss * float("nan")
         return parts
 
-    monkeypatch.setattr(train_rear, "rear_objective", diverging)
+    monkeypatch.setattr(Objective, "__call__", diverging)
     with pytest.raises(NonFiniteError, match="at step 4"):
         run(tmp_path, "training.max_train_steps=8", "experiment.save_every=2", "experiment.log_every=4")
     assert [Path(p).name for p in list_checkpoints(str(tmp_path))] == ["checkpoint-00000002"]
@@ -157,7 +163,7 @@ def test_toy_run_learns_the_classes(tmp_path):
 def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path):
     run(tmp_path, "training.max_train_steps=1", "experiment.save_every=1", "experiment.generate_every=100")
     before = load_file(tmp_path / "checkpoints/checkpoint-00000001/model.safetensors")
-    with pytest.raises(FileExistsError, match=r"already holds checkpoints .*checkpoint-00000001.*experiment.resume is False"):
+    with pytest.raises(OutputError, match=r"already holds checkpoints and experiment.resume is False"):
         run(tmp_path, "training.max_train_steps=2", "experiment.resume=False")
     after = load_file(tmp_path / "checkpoints/checkpoint-00000001/model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)

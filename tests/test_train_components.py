@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modeling.rear import ReAR
-from utils.checkpointing import (
+from utils.training.resume import (
     NonFiniteError,
     latest_checkpoint,
     list_checkpoints,
@@ -20,13 +20,14 @@ from utils.checkpointing import (
     set_rng_state,
 )
 from utils.config import load_config
-from utils.ema import EMA
-from utils.optim import build_optimizer, build_scheduler, learning_rate_at, param_groups
+from utils.training.ema import EMA
+from utils.training.optim import build_optimizer, build_scheduler, learning_rate_at, param_groups
 
 TINY = ["model.generator.hidden_size=32", "model.generator.num_hidden_layers=2",
         "model.generator.num_attention_heads=2",
         "model.generator.intermediate_size=64", "model.generator.image_seq_len=16", "model.generator.projection_dim=16",
-        "model.generator.decode_align_layer_idx=1", "model.vq_model.codebook_size=32", "model.vq_model.token_size=8"]
+        "model.generator.decode_align_layer_idx=1", "model.vq_model.codebook_size=32", "model.vq_model.token_size=8",
+        "model.generator.transition_alignment=True", "model.generator.perturb_mode=switch"]
 
 
 def test_weight_decay_exclusions_follow_the_released_rule():
@@ -72,21 +73,41 @@ def test_scheduler_counts_optimizer_steps():
 
 
 def test_mismatched_scheduler_learning_rate_is_an_error():
-    config = load_config(None, TINY + ["optimizer.params.learning_rate=1e-3"])  # scheduler keeps 4e-4
-    model = ReAR(config)
-    with pytest.raises(ValueError, match="lr_scheduler.params.learning_rate"):
-        build_scheduler(build_optimizer(model, config, torch.device("cpu")), config)
+    from utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'lr_scheduler.params.learning_rate' .* differs"):
+        load_config(None, TINY + ["optimizer.params.learning_rate=1e-3"])  # scheduler keeps 4e-4
 
 
-def test_ema_update():
+def test_ema_decay_warms_up_as_released():
+    """The original's EMAModel(decay=0.999).get_decay(step), recorded from its code (fixture of the training step)."""
+    import json
+
+    from conftest import FIXTURES
+    from utils.training.ema import ema_decay_at
+
+    recorded = json.loads((FIXTURES / "original_training_step" / "original_training_step.json").read_text())["ema_decay"]
+    ours = [ema_decay_at(step, 0.999) for step in recorded["steps"]]
+    assert ours == pytest.approx(recorded["values"], abs=1e-12)
+    assert ours[:3] == [0.0, 2 / 11, 0.25]
+
+
+def test_ema_update_copies_first_then_averages_and_resumes():
     model = torch.nn.Linear(2, 2)
-    ema = EMA(model, decay=0.75)
-    before = model.weight.detach().clone()
+    ema = EMA(model, decay=0.999)
     with torch.no_grad():
         model.weight.add_(4.0)
-    ema.update(model)
-    torch.testing.assert_close(ema.state_dict()["weight"], before + 1.0)
+    ema.update(model)  # d_1 = 0: the weights themselves
+    torch.testing.assert_close(ema.state_dict()["weight"], model.weight)
+    before = ema.state_dict()["weight"].clone()
+    with torch.no_grad():
+        model.weight.add_(11.0)
+    ema.update(model)  # d_2 = 2/11
+    torch.testing.assert_close(ema.state_dict()["weight"], before + (1 - 2 / 11) * 11.0)
     assert torch.equal(ema.model_state_dict(model)["bias"], model.bias)
+    resumed = EMA(torch.nn.Linear(2, 2), decay=0.999)
+    resumed.load_state_dict({k: v.clone() for k, v in ema.state_dict().items()})
+    assert resumed.step == 2 and torch.equal(resumed.shadow[0], ema.shadow[0])
 
 
 def write_shared_file(content):
@@ -118,6 +139,37 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-00000010", "checkpoint-00000020"]
 
 
+def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path):
+    save(tmp_path, 10, "ten")
+    newest = save(tmp_path, 20, "twenty")
+    with open(os.path.join(newest, "model.txt"), "r+") as f:  # same size, other bytes: only the checksum tells
+        f.write("TW")
+    warnings = []
+    assert latest_checkpoint(str(tmp_path), warn=warnings.append).endswith("checkpoint-00000010")
+    assert len(warnings) == 1 and "checkpoint-00000020 is damaged (model.txt does not match" in warnings[0]
+    assert os.path.isdir(newest + ".damaged") and not os.path.exists(newest)
+    os.remove(os.path.join(list_checkpoints(str(tmp_path))[0], "rng_state_0.pt"))  # a deleted file
+    warnings.clear()
+    assert latest_checkpoint(str(tmp_path), warn=warnings.append) is None
+    assert "rng_state_0.pt is missing" in warnings[0]
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    import errno
+
+    from utils.errors import OutputError
+
+    save(tmp_path, 10, "ten")
+
+    def full_disk(directory):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputError, match="the disk is full: could not save checkpoint .*checkpoint-00000020"):
+        save_checkpoint(str(tmp_path), 20, {"samples_seen": 160}, full_disk, lambda: None, 0)
+    assert os.listdir(tmp_path / "checkpoints") == ["checkpoint-00000010"]
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-00000010")
+
+
 def test_prune_keeps_the_newest(tmp_path):
     for step in (5, 100, 20, 7):
         save(tmp_path, step)
@@ -146,91 +198,20 @@ def test_non_finite_weights_are_never_written(tmp_path):
     assert os.listdir(tmp_path) == ["generator.safetensors"]
 
 
-def objective_setup(*overrides):
-    from modeling.tokenizers.toy import PatchKMeansTokenizer
-
-    config = load_config(None, TINY + ["model.vq_model.token_size=48", "model.generator.randomness_anneal_end=10",
-                                       "model.generator.dropout=0.0", "model.generator.attn_drop=0.0", *overrides])
-    torch.manual_seed(0)
-    model = ReAR(config).train()
-    tokenizer = PatchKMeansTokenizer(32, 4, 16)
-    tokenizer.codebook.data = torch.randn(32, 48)
-    tokens, class_ids = torch.randint(0, 32, (4, 16)), torch.tensor([0, 3, 5, 9])
-    return config, model, tokenizer, tokens, class_ids
-
-
-def test_objective_without_noise_is_the_plain_loss():
-    from modeling.losses import rear_loss
-    from utils.training import rear_objective
-
-    config, model, tokenizer, tokens, class_ids = objective_setup(
-        "model.generator.perturb_mode=none", "model.generator.class_label_dropout=0.0")
-    parts = rear_objective(model, tokenizer, tokens, class_ids, 0, config)
-    expected = rear_loss(model(tokens, class_ids), tokens, tokenizer.codebook[tokens], None, 1.0)
-    assert torch.equal(parts.loss, expected.loss) and torch.equal(parts.encode_alignment, expected.encode_alignment)
-
-
-def test_objective_noise_follows_r_of_step():
-    from utils.training import rear_objective
-
-    config, model, tokenizer, tokens, class_ids = objective_setup("model.generator.class_label_dropout=0.0")
-    clean = rear_objective(model, tokenizer, tokens, class_ids, 10, config)  # r(10) = 0: no noise, no draw
-    torch.manual_seed(1)
-    noisy = rear_objective(model, tokenizer, tokens, class_ids, 0, config)
-    assert not torch.equal(clean.loss, noisy.loss)
-    config_none, *_ = objective_setup("model.generator.class_label_dropout=0.0", "model.generator.perturb_mode=none")
-    torch.manual_seed(1)
-    assert torch.equal(rear_objective(model, tokenizer, tokens, class_ids, 0, config_none).loss, clean.loss)
-
-
-def test_rar_order_is_raster_once_r_reaches_zero():
-    from utils.training import rear_objective
-
-    rar = ["model.generator.order=random", "model.generator.perturb_mode=none",
-           "model.generator.class_label_dropout=0.0"]
-    config, model, tokenizer, tokens, class_ids = objective_setup(*rar)
-    raster_config, *_ = objective_setup(*rar[1:])
-    raster = rear_objective(model, tokenizer, tokens, class_ids, 10, raster_config)
-    assert torch.equal(rear_objective(model, tokenizer, tokens, class_ids, 10, config).loss, raster.loss)
-    assert not torch.equal(rear_objective(model, tokenizer, tokens, class_ids, 0, config).loss, raster.loss)
-
-
-def test_rar_targets_and_features_follow_the_order(monkeypatch):
-    import utils.training as training
-
-    config, model, tokenizer, tokens, class_ids = objective_setup(
-        "model.generator.order=random", "model.generator.class_label_dropout=0.0")
-    order = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i)) for i in range(4)])
-    seen = {}
-    monkeypatch.setattr(training, "random_orders", lambda batch, length, ratio, device=None: order)
-    monkeypatch.setattr(training, "rear_loss", lambda output, targets, features, noise, weight: seen.update(
-        targets=targets, features=features, noise=noise, logits=output.logits))
-    torch.manual_seed(0)
-    training.rear_objective(model, tokenizer, tokens, class_ids, 0, config)
-    rows = torch.arange(4)[:, None]
-    assert torch.equal(seen["targets"], tokens[rows, order])
-    assert torch.equal(seen["features"], tokenizer.codebook[tokens[rows, order]])
-    torch.manual_seed(0)
-    training.drop_class_labels(class_ids, 0.0, 10)  # the same draws as the objective: labels, then noise
-    inputs, noise = training.noisy_context(tokens, 1.0, "switch", 32)
-    assert torch.equal(seen["noise"], noise[rows, order])
-    torch.testing.assert_close(seen["logits"], model(inputs, class_ids, orders=order).logits)
-
-
 def test_logged_parts_average_the_accumulation_micro_batches():
-    from modeling.losses import LossParts
-    from utils.metrics import mean_parts
+    from modeling.objective import LossParts
+    from utils.training.logging import mean_terms
 
-    a = LossParts(*(torch.tensor(v) for v in (1.0, 2.0, 3.0, 4.0, 0.5)))
-    b = LossParts(*(torch.tensor(v) for v in (3.0, 4.0, 5.0, 6.0, 0.25)))
-    mean = mean_parts([a, b])
-    assert [getattr(mean, k).item() for k in ("loss", "ce", "encode_alignment", "decode_alignment", "accuracy")] == [
-        2.0, 3.0, 4.0, 5.0, 0.375
-    ]
+    a = LossParts(*(torch.tensor(v) for v in (1.0, 2.0, 3.0, 4.0, 0.5))).terms()
+    b = LossParts(*(torch.tensor(v) for v in (3.0, 4.0, 5.0, 6.0, 0.25))).terms()
+    mean = mean_terms([a, b])
+    assert {k: v.item() for k, v in mean.items()} == {
+        "loss": 2.0, "ce": 3.0, "encode_alignment": 4.0, "decode_alignment": 5.0, "token_accuracy": 0.375
+    }
 
 
 def test_fp16_is_refused_at_start_up():
-    from utils.training import make_accelerator
+    from utils.errors import ConfigError
 
-    with pytest.raises(ValueError, match=r"training.mixed_precision must be one of \('bf16', 'no'\), got 'fp16'"):
-        make_accelerator(load_config(None, ["training.mixed_precision=fp16"]))
+    with pytest.raises(ConfigError, match=r"'training.mixed_precision'.*'fp16' is not one of \[bf16, no\]"):
+        load_config(None, ["training.mixed_precision=fp16"])

@@ -1,224 +1,273 @@
-"""Configuration: a typed schema, YAML files and `a.b=c` command-line overrides.
+"""Configuration: a typed schema, YAML files and `a.b=c` command-line overrides, checked at start-up.
 
-Every run's configuration is the schema's defaults, then a YAML file, then CLI overrides, merged by
-OmegaConf. The schema is what makes a typo an error: an unknown key or a value of the wrong type fails at
-start-up with the key's dotted name and the closest valid key, instead of being silently ignored.
-The original RAR / reAR YAML files load unchanged: every key they use is in the schema. A few of their keys have
-no effect here; they are marked `# unused: ...` below.
+Every run's configuration is the schema's defaults, then a YAML file, then CLI overrides, merged by OmegaConf.
+The schema is what makes a mistake an error before any work starts: an unknown key, a value of the wrong type or
+outside its fixed set of choices (`Literal[...]` below), or an inconsistent pair of values fails with the key's
+dotted name. Keys whose choices live in a registry (`model.vq_model.model_type`, `model.generator.backbone`) are
+checked against the names the registries under `modeling/` declare with `register_choice`.
+
+The original reAR / RAR YAML files load unchanged and mean what they meant: every key they use is here, and a key
+they leave out defaults to what the original code did without it (e.g. no noisy context, no alignment). Keys the
+original code never acted on are accepted and marked `unused` (the README lists them).
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from utils.errors import ConfigError
+
+
+def option(default: Any, help: str) -> Any:
+    """A schema field with its one-line description (what `--help` prints)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str = "") -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+UNUSED = "unused: accepted for the original YAML files, no effect here"
+
 
 @dataclass
 class ExperimentConfig:
-    project: str = "rear"
-    name: str = "rear"
-    output_dir: str = "runs/rear"
-    logging_dir: Optional[str] = None
-    tracker: str = "none"  # wandb | tensorboard | none
-    max_train_examples: int = 1_281_167
-    save_every: int = 50_000
-    eval_every: int = 50_000  # unused: evaluation is a separate step (python -m evaluator)
-    generate_every: int = 5_000
-    log_every: int = 50
-    log_grad_norm_every: int = 1_000  # unused: the gradient norm is logged every log_every steps
-    keep_last_checkpoints: int = 3
-    resume: bool = True
-    init_weight: Optional[str] = None
-    generator_checkpoint: Optional[str] = None
-    tokenizer_checkpoint: Optional[str] = None
+    project: str = option("rear", "project name (tracker project)")
+    name: str = option("rear", "run name (tracker run)")
+    entity: Optional[str] = option(None, "wandb entity (team or user) the run is logged under")
+    output_dir: str = option("runs/rear", "where checkpoints, samples and final weights go (sampling: DIR -> DIR.npz)")
+    logging_dir: Optional[str] = option(None, "TensorBoard folder (default OUTPUT_DIR/logs)")
+    tracker: Literal["wandb", "tensorboard", "swanlab", "none"] = option(
+        "tensorboard", "where metrics go; training.enable_wandb / enable_swanlab override it as in the original"
+    )
+    max_train_examples: int = option(1_281_167, "samples per 'epoch' in the logs (ImageNet's training set)")
+    save_every: int = option(50_000, "checkpoint every N optimizer steps")
+    eval_every: int = option(50_000, UNUSED + " (evaluation is `python -m evaluator`)")
+    generate_every: int = option(5_000, "sample grid every N steps")
+    log_every: int = option(50, "log metrics every N steps")
+    log_grad_norm_every: int = option(1_000, "log every parameter's gradient norm every N steps (grad_norm/<name>)")
+    keep_last_checkpoints: int = option(3, "checkpoints kept (older ones are deleted; <= 0 keeps all)")
+    resume: bool = option(True, "continue from the newest checkpoint in output_dir")
+    init_weight: Optional[str] = option(None, "start training from these generator weights (path or released name)")
+    generator_checkpoint: Optional[str] = option(None, "generator weights to sample from (path or released name)")
+    tokenizer_checkpoint: Optional[str] = option(None, "tokenizer weights (default: model.vq_model.pretrained_tokenizer_weight)")
 
 
 @dataclass
 class VQModelConfig:
-    model_type: str = "maskgit_vqgan"  # maskgit_vqgan | toy
-    codebook_size: int = 1024
-    token_size: int = 256
-    num_latent_tokens: int = 256
-    finetune_decoder: bool = False  # unused: the tokenizer is frozen
-    pretrained_tokenizer_weight: Optional[str] = "maskgit-vqgan-imagenet-f16-256.bin"
+    model_type: str = option("maskgit_vqgan", "tokenizer (registry in modeling/tokenizers/)")
+    codebook_size: int = option(1024, "V: number of codebook entries (the generator's vocabulary)")
+    token_size: int = option(256, "width of a codebook vector (the alignment target's width)")
+    num_latent_tokens: int = option(256, "N: tokens per image")
+    finetune_decoder: bool = option(False, UNUSED + " (the tokenizer is frozen)")
+    pretrained_tokenizer_weight: Optional[str] = option(
+        "maskgit-vqgan-imagenet-f16-256.bin", "tokenizer weights (path or released name)"
+    )
 
 
 @dataclass
 class GeneratorConfig:
-    hidden_size: int = 768
-    num_hidden_layers: int = 20
-    num_attention_heads: int = 16
-    intermediate_size: int = 3072
-    dropout: float = 0.1
-    attn_drop: float = 0.1
-    class_label_dropout: float = 0.1
-    image_seq_len: int = 256
-    condition_num_classes: int = 1000
+    backbone: str = option("rar", "the AR transformer (registry in modeling/backbones/)")
+    hidden_size: int = option(768, "transformer width D")
+    num_hidden_layers: int = option(20, "number of transformer blocks")
+    num_attention_heads: int = option(16, "attention heads")
+    intermediate_size: int = option(3072, "MLP hidden width")
+    dropout: float = option(0.1, "dropout after attention projection and MLP")
+    attn_drop: float = option(0.1, "attention dropout")
+    class_label_dropout: float = option(0.1, "probability of training on the null class (for guidance)")
+    image_seq_len: int = option(256, "N: image tokens generated per sample")
+    condition_num_classes: int = option(1000, "C: number of classes")
     # sampling
-    randomize_temperature: float = 1.0
-    guidance_scale: float = 22.0
-    guidance_scale_pow: float = 2.75
-    kv_cache: bool = True
-    # memory
-    use_checkpoint: bool = False
+    randomize_temperature: float = option(1.0, "sampling temperature (released value)")
+    guidance_scale: float = option(22.0, "classifier-free guidance scale (released value; 0 turns guidance off)")
+    guidance_scale_pow: float = option(2.75, "power of the guidance schedule (released value)")
+    kv_cache: bool = option(True, "sample with a KV cache")
+    use_checkpoint: bool = option(False, "activation checkpointing (memory for compute)")
     # the schedule r(step) shared by noisy context and RAR's random order
-    randomness_anneal_start: int = 0
-    randomness_anneal_end: int = 187_500
-    # noisy context: switch | mask | none
-    perturb_mode: str = "switch"
-    # RAR's randomized-order training: raster | random
-    order: str = "raster"
+    randomness_anneal_start: int = option(0, "r(step) = 1 until this step")
+    randomness_anneal_end: int = option(187_500, "r(step) falls linearly to 0 at this step")
+    perturb_mode: Literal["switch", "mask", "none"] = option(
+        "none", "noisy context: switch = random token, mask = mask token, none = off (the original's default)"
+    )
+    order: Literal["raster", "random"] = option("raster", "random = RAR's randomized order, annealed by r(step)")
     # codebook-embedding alignment
-    transition_alignment: bool = True
-    transition_alignment_weight: float = 1.0
-    encode_align_layer_idx: int = 0
-    decode_align_layer_idx: int = 15
-    projection_dim: int = 2048
-    z_dim: Optional[int] = None  # default: the tokenizer's embedding size (model.vq_model.token_size)
+    transition_alignment: bool = option(False, "train the alignment heads (the original's default: off)")
+    transition_alignment_weight: float = option(1.0, "weight of the alignment terms in the loss")
+    encode_align: bool = option(True, "build and train the encode head (block encode_align_layer_idx)")
+    decode_align: bool = option(True, "build and train the decode head (block decode_align_layer_idx)")
+    encode_align_layer_idx: int = option(0, "block whose output the encode head reads")
+    decode_align_layer_idx: int = option(15, "block whose output the decode head reads")
+    projection_dim: int = option(2048, "hidden width of the alignment heads")
+    z_dim: Optional[int] = option(None, "alignment heads' output width (default: model.vq_model.token_size)")
 
 
 @dataclass
 class ModelConfig:
-    vq_model: VQModelConfig = field(default_factory=VQModelConfig)
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    vq_model: VQModelConfig = section(VQModelConfig, "the frozen image tokenizer")
+    generator: GeneratorConfig = section(GeneratorConfig, "the autoregressive generator and reAR's regularisers")
 
 
 @dataclass
 class DatasetParams:
-    pretokenization: Optional[str] = None
-    pretokenized_cache_dir: Optional[str] = None  # where the JSONL's arrays go; None: next to the file
-    train_shards_path_or_url: Optional[str] = None
-    eval_shards_path_or_url: Optional[str] = None  # unused: no evaluation during training
-    num_workers_per_gpu: int = 4
-    shuffle_buffer_size: int = 1_000
-    pin_memory: bool = True
-    persistent_workers: bool = True
+    pretokenization: Optional[str] = option(None, "pre-tokenized JSON Lines file to train on")
+    pretokenized_cache_dir: Optional[str] = option(None, "where its memory-mapped arrays go (default: beside it)")
+    train_shards_path_or_url: Optional[str] = option(None, "WebDataset shards (brace pattern), tokenized on the fly")
+    eval_shards_path_or_url: Optional[str] = option(None, UNUSED + " (no evaluation during training)")
+    num_workers_per_gpu: int = option(4, "data loader workers per process")
+    shuffle_buffer_size: int = option(1_000, "WebDataset shuffle buffer")
+    pin_memory: bool = option(True, "pinned host memory for batches (CUDA)")
+    persistent_workers: bool = option(True, "keep loader workers alive between passes")
 
 
 @dataclass
 class DatasetPreprocessing:
-    resize_shorter_edge: int = 256  # unused: the ADM center crop resizes to crop_size
-    crop_size: int = 256
-    random_crop: bool = False  # unused: always the ADM center crop
-    random_flip: bool = True
+    resize_shorter_edge: int = option(256, "shards: resize the shorter edge to this (bicubic, antialiased)")
+    crop_size: int = option(256, "crop size (shards and pre-tokenization)")
+    random_crop: bool = option(False, "shards: random crop instead of center crop")
+    random_flip: bool = option(True, "shards: random horizontal flip")
 
 
 @dataclass
 class ToyDatasetConfig:
-    num_classes: int = 10
-    image_size: int = 32
-    num_images: int = 20_000
-    seed: int = 0
+    num_classes: int = option(10, "toy classes (at most 10)")
+    image_size: int = option(32, "toy image size")
+    num_images: int = option(20_000, "toy images drawn")
+    seed: int = option(0, "seed of the toy images (and of the toy tokenizer's fit)")
 
 
 @dataclass
 class DatasetConfig:
-    name: str = "imagenet"  # imagenet | toy
-    params: DatasetParams = field(default_factory=DatasetParams)
-    preprocessing: DatasetPreprocessing = field(default_factory=DatasetPreprocessing)
-    toy: ToyDatasetConfig = field(default_factory=ToyDatasetConfig)
+    name: Literal["imagenet", "toy"] = option("imagenet", "imagenet (files below) or the built-in toy set")
+    params: DatasetParams = section(DatasetParams)
+    preprocessing: DatasetPreprocessing = section(DatasetPreprocessing)
+    toy: ToyDatasetConfig = section(ToyDatasetConfig)
 
 
 @dataclass
 class OptimizerParams:
-    learning_rate: float = 4e-4
-    beta1: float = 0.9
-    beta2: float = 0.96
-    weight_decay: float = 0.03
-    epsilon: float = 1e-8
-    fused: bool = True
+    learning_rate: float = option(4e-4, "peak learning rate")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.96, "AdamW beta2")
+    weight_decay: float = option(0.03, "AdamW weight decay (not on norms, biases, embeddings)")
+    epsilon: float = option(1e-8, "AdamW epsilon")
+    fused: bool = option(True, "fused AdamW kernel on CUDA")
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
-    params: OptimizerParams = field(default_factory=OptimizerParams)
+    name: Literal["adamw"] = option("adamw", "optimizer")
+    params: OptimizerParams = section(OptimizerParams)
 
 
 @dataclass
 class LRSchedulerParams:
-    learning_rate: float = 4e-4
-    warmup_steps: int = 62_500
-    end_lr: float = 1e-5
+    learning_rate: float = option(4e-4, "must equal optimizer.params.learning_rate")
+    warmup_steps: int = option(62_500, "linear warm-up steps")
+    end_lr: float = option(1e-5, "learning rate at the last step (half cosine)")
 
 
 @dataclass
 class LRSchedulerConfig:
-    scheduler: str = "cosine"
-    params: LRSchedulerParams = field(default_factory=LRSchedulerParams)
+    scheduler: Literal["cosine"] = option("cosine", "warm-up then half cosine")
+    params: LRSchedulerParams = section(LRSchedulerParams)
 
 
 @dataclass
 class TrainingConfig:
-    gradient_accumulation_steps: int = 1
-    per_gpu_batch_size: int = 256
-    mixed_precision: str = "bf16"  # bf16 | no
-    enable_tf32: bool = True
-    enable_wandb: bool = False
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    seed: int = 42
-    max_train_steps: int = 250_000
-    max_grad_norm: float = 1.0
-    num_generated_images: int = 10
-    compile: bool = False
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    per_gpu_batch_size: int = option(256, "micro-batch size per process")
+    # fp16 is left out: its loss scaler skips steps with infinite gradients, which the non-finite stop halts on.
+    mixed_precision: Literal["bf16", "no"] = option("bf16", "bf16 autocast or no (fp32)")
+    enable_tf32: bool = option(True, "TF32 matmuls on CUDA")
+    enable_wandb: bool = option(False, "log to wandb (the original's switch; same as experiment.tracker=wandb)")
+    enable_swanlab: bool = option(False, "log to SwanLab (the original's switch; needs `pip install swanlab`)")
+    use_ema: bool = option(False, "keep an EMA of the weights (the final weights are the EMA's)")
+    ema_decay: float = option(0.999, "EMA decay, reached after the warm-up (1+s)/(10+s) (the original's 0.999)")
+    seed: int = option(42, "training seed")
+    max_train_steps: int = option(250_000, "optimizer steps (the lr schedule's length)")
+    stop_steps: Optional[int] = option(None, "stop early at this step (the schedule still spans max_train_steps)")
+    max_grad_norm: float = option(1.0, "gradient clipping (<= 0: off)")
+    num_generated_images: int = option(10, "classes in the periodic sample grid")
+    compile: bool = option(False, "torch.compile the generator")
 
 
 @dataclass
 class SamplingConfig:
-    num_samples: int = 50_000
-    per_proc_batch_size: int = 125
-    seed: int = 0
-    guidance_scale: Optional[float] = None  # None: model.generator.guidance_scale
-    guidance_scale_pow: Optional[float] = None
-    temperature: Optional[float] = None  # None: model.generator.randomize_temperature
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    precision: str = "bf16"  # bf16 | fp32
-    save_png: bool = False
+    num_samples: int = option(50_000, "images to sample, equally many per class, classes in order")
+    per_proc_batch_size: int = option(125, "images per batch (the output depends on it, not on the process count)")
+    seed: int = option(0, "sampling seed")
+    guidance_scale: Optional[float] = option(None, "default: model.generator.guidance_scale")
+    guidance_scale_pow: Optional[float] = option(None, "default: model.generator.guidance_scale_pow")
+    temperature: Optional[float] = option(None, "default: model.generator.randomize_temperature")
+    top_k: Optional[int] = option(None, "keep the k most likely tokens")
+    top_p: Optional[float] = option(None, "keep the smallest set of tokens with this probability mass")
+    precision: Literal["fp32", "bf16"] = option(
+        "fp32", "fp32 (TF32 on CUDA, as the original sampled) or bf16 (faster; tokens differ from fp32)"
+    )
+    sampler: Literal["fast", "plain"] = option("fast", "fast = static cache + CUDA graph; plain = the readable loop")
+    save_png: bool = option(False, "also write DIR/NNNNNN.png")
 
 
 @dataclass
 class ReARConfig:
-    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    experiment: ExperimentConfig = section(ExperimentConfig, "run name, output folder, checkpoints, logging")
+    model: ModelConfig = section(ModelConfig)
+    dataset: DatasetConfig = section(DatasetConfig, "training data")
+    optimizer: OptimizerConfig = section(OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = section(LRSchedulerConfig)
+    training: TrainingConfig = section(TrainingConfig)
+    sampling: SamplingConfig = section(SamplingConfig, "sampling for evaluation")
 
 
-class ConfigError(ValueError):
-    """A configuration key or value that the schema does not accept."""
+# ----------------------------------------------------------------------------------------- the schema as data
+def schema_fields(cls: type = ReARConfig, prefix: str = "") -> List[Tuple[str, Any, str]]:
+    """(dotted key, default, help) of every leaf of the schema, in declaration order."""
+    rows = []
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        if f.default_factory is not MISSING and is_dataclass(f.default_factory):  # a section
+            rows += schema_fields(f.default_factory, f"{key}.")
+        else:
+            default = f.default if f.default is not MISSING else f.default_factory()
+            rows.append((key, default, f.metadata.get("help", "")))
+    return rows
 
 
-def _dotted_keys(node: Any, prefix: str = "") -> List[str]:
-    keys = []
-    if isinstance(node, DictConfig):
-        for key in node.keys():
-            full = f"{prefix}.{key}" if prefix else str(key)
-            keys.append(full)
-            keys.extend(_dotted_keys(node._get_node(key), full))
-    return keys
+_VALID_KEYS = [key for key, _, _ in schema_fields()]
+_SECTIONS = sorted({key.rsplit(".", 1)[0] for key in _VALID_KEYS if "." in key})
+
+# Keys whose allowed values come from a registry in modeling/ (filled by `register_choice`).
+REGISTERED_CHOICES: Dict[str, Dict[str, str]] = {"model.vq_model.model_type": {}, "model.generator.backbone": {}}
 
 
-_VALID_KEYS = _dotted_keys(OmegaConf.structured(ReARConfig))
+def register_choice(key: str, name: str, canonical: Optional[str] = None) -> None:
+    """Declare `name` an allowed value of `key` (`canonical`: the name it stands for, for aliases)."""
+    if key not in REGISTERED_CHOICES:
+        raise KeyError(f"{key} is not a registry-backed config key")
+    REGISTERED_CHOICES[key][name] = canonical or name
+
+
+def canonical_choice(config: DictConfig, key: str) -> str:
+    """The registry name the value of `key` stands for (e.g. the original's alias 'maskgitvq' → 'maskgit_vqgan')."""
+    value = OmegaConf.select(config, key)
+    return REGISTERED_CHOICES[key].get(value, value)
 
 
 def closest_key(key: str) -> Optional[str]:
     """The valid dotted key nearest to `key` (a typo's likely intent), or None."""
-    leaf = key.rsplit(".", 1)[-1]
-    match = difflib.get_close_matches(key, _VALID_KEYS, n=1, cutoff=0.5)
+    match = difflib.get_close_matches(key, _VALID_KEYS + _SECTIONS, n=1, cutoff=0.5)
     if match:
         return match[0]
     by_leaf = {k.rsplit(".", 1)[-1]: k for k in _VALID_KEYS}
-    match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+    match = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1, cutoff=0.6)
     return by_leaf[match[0]] if match else None
 
 
@@ -229,8 +278,12 @@ def _as_config_error(err: OmegaConfBaseException, source: str) -> ConfigError:
         suggestion = f"; did you mean '{hint}'?" if hint else ""
         return ConfigError(f"unknown config key '{key}' in {source}{suggestion}")
     if isinstance(err, ValidationError):
-        return ConfigError(f"bad value for config key '{key}' in {source}: {err.msg.splitlines()[0]}")
-    return ConfigError(f"config error at '{key}' in {source}: {err}")
+        message = err.msg.splitlines()[0]
+        if message.startswith("Invalid value") and "expected one of" in message:  # a Literal's choices
+            value, allowed = message[len("Invalid value ") :].split(", expected one of ")
+            message = f"{value} is not one of {allowed.replace(chr(39), '')}"
+        return ConfigError(f"bad value for config key '{key}' in {source}: {message}")
+    return ConfigError(f"config error at '{key}' in {source}: {str(err).splitlines()[0]}")
 
 
 def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
@@ -249,71 +302,146 @@ def validate(config: Any) -> DictConfig:
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"command-line override '{item}' is not of the form key.sub=value")
-    return OmegaConf.from_dotlist(list(overrides))
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"command-line argument '{item}' is not of the form key.sub=value (or config=FILE.yaml)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"command-line overrides could not be parsed: {str(err).splitlines()[0]}") from None
 
 
+def _load_yaml(path: str) -> DictConfig:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors come from the parser with a multi-line message
+        where = getattr(getattr(err, "problem_mark", None), "line", None)
+        line = f" line {where + 1}" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path}{line} is not valid YAML: {problem}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} does not hold a mapping of sections (experiment:, model:, ...)")
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------- the start-up check
 # Counts and intervals that must be at least 1 (a 0 would divide by zero or skip the training step).
 POSITIVE_KEYS = (
     "experiment.save_every",
     "experiment.generate_every",
     "experiment.log_every",
+    "experiment.log_grad_norm_every",
+    "experiment.max_train_examples",
     "training.gradient_accumulation_steps",
     "training.per_gpu_batch_size",
+    "training.max_train_steps",
+    "training.num_generated_images",
     "sampling.num_samples",
     "sampling.per_proc_batch_size",
+    "model.generator.hidden_size",
+    "model.generator.num_attention_heads",
     "model.generator.image_seq_len",
     "model.generator.num_hidden_layers",
+    "model.generator.condition_num_classes",
     "model.vq_model.codebook_size",
+    "model.vq_model.token_size",
+    "dataset.preprocessing.crop_size",
 )
+PROBABILITY_KEYS = ("model.generator.dropout", "model.generator.attn_drop", "model.generator.class_label_dropout")
 
 
-def check_positive(config: DictConfig, source: str) -> None:
-    for key in POSITIVE_KEYS:
+def check(config: DictConfig, source: str = "the config") -> DictConfig:
+    """Every value that can be checked without reading a file: ranges, registry names and consistent pairs.
+    Every entry point runs it before it makes a folder or reads a weights or data file."""
+    problems = [f"'{key}' is {OmegaConf.select(config, key)} (must be at least 1)" for key in POSITIVE_KEYS
+                if OmegaConf.select(config, key) < 1]
+    problems += [f"'{key}' is {OmegaConf.select(config, key)} (must be in [0, 1))" for key in PROBABILITY_KEYS
+                 if not 0.0 <= OmegaConf.select(config, key) < 1.0]
+    for key, names in REGISTERED_CHOICES.items():
         value = OmegaConf.select(config, key)
-        if value < 1:
-            raise ConfigError(f"bad value for config key '{key}' in {source}: {value} (must be at least 1)")
+        if names and value not in names:
+            problems.append(f"'{key}' is '{value}', not one of {', '.join(sorted(names))}")
+    g, s = config.model.generator, config.sampling
+    if g.hidden_size % g.num_attention_heads:
+        problems.append(f"'model.generator.hidden_size' ({g.hidden_size}) is not a multiple of "
+                        f"'model.generator.num_attention_heads' ({g.num_attention_heads})")
+    if g.transition_alignment:
+        for key in ("encode_align_layer_idx", "decode_align_layer_idx"):
+            if not 0 <= g[key] < g.num_hidden_layers:
+                problems.append(f"'model.generator.{key}' is {g[key]}, outside the {g.num_hidden_layers} blocks")
+        if not (g.encode_align or g.decode_align):
+            problems.append("'model.generator.transition_alignment' is on but both encode_align and decode_align are off")
+    if g.randomness_anneal_end < g.randomness_anneal_start:
+        problems.append("'model.generator.randomness_anneal_end' is before 'randomness_anneal_start'")
+    if config.lr_scheduler.params.learning_rate != config.optimizer.params.learning_rate:
+        problems.append(
+            f"'lr_scheduler.params.learning_rate' ({config.lr_scheduler.params.learning_rate}) differs from "
+            f"'optimizer.params.learning_rate' ({config.optimizer.params.learning_rate}); "
+            "set one from the other: ${optimizer.params.learning_rate}"
+        )
+    if s.top_k is not None and s.top_k < 1:
+        problems.append(f"'sampling.top_k' is {s.top_k} (must be at least 1)")
+    if s.top_p is not None and not 0.0 < s.top_p <= 1.0:
+        problems.append(f"'sampling.top_p' is {s.top_p} (must be in (0, 1])")
+    temperature = s.temperature if s.temperature is not None else g.randomize_temperature
+    if temperature <= 0:
+        problems.append(f"the sampling temperature is {temperature} (must be positive)")
+    if problems:
+        raise ConfigError(f"bad config value in {source}: " + "; ".join(problems))
+    return config
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Schema defaults, then the YAML file at `path`, then `overrides` (["a.b=c", ...])."""
+    """Schema defaults, then the YAML file at `path`, then `overrides` (["a.b=c", ...]); checked."""
     config = OmegaConf.structured(ReARConfig)
     if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file not found: {path}")
-        config = _merge(config, OmegaConf.load(path), path)
+        config = _merge(config, _load_yaml(path), path)
     config = _merge(config, parse_overrides(overrides), "the command line")
     try:
         OmegaConf.resolve(config)
     except OmegaConfBaseException as err:
         raise _as_config_error(err, path or "the command line") from None
-    check_positive(config, path or "the command line")
-    return config
+    return check(config, f"{path} and the command line" if overrides and path else path or "the command line")
 
 
-def config_from_cli(argv: Sequence[str]) -> DictConfig:
-    """`config=FILE.yaml a.b=c ...` (the form every script takes) → the merged, validated config."""
-    path = None
-    overrides = []
+def split_cli(argv: Iterable[str]) -> Tuple[Optional[str], List[str]]:
+    """`config=FILE.yaml a.b=c ...` → (FILE.yaml, ["a.b=c", ...])."""
+    path, overrides = None, []
     for arg in argv:
         if arg.startswith("config="):
             path = arg.split("=", 1)[1]
         else:
             overrides.append(arg)
-    return load_config(path, overrides)
+    return path, overrides
+
+
+def config_from_cli(argv: Sequence[str]) -> DictConfig:
+    """`config=FILE.yaml a.b=c ...` (the form every script takes) → the merged, checked config."""
+    return load_config(*split_cli(argv))
 
 
 def to_yaml(config: DictConfig) -> str:
     return OmegaConf.to_yaml(config)
 
 
+def to_container(config: DictConfig) -> dict:
+    """Plain dicts and lists (for trackers and JSON)."""
+    return OmegaConf.to_container(config, resolve=True)
+
+
 __all__ = [
     "ConfigError",
     "ReARConfig",
+    "canonical_choice",
+    "check",
     "closest_key",
     "config_from_cli",
     "load_config",
-    "validate",
+    "register_choice",
+    "schema_fields",
+    "split_cli",
+    "to_container",
     "to_yaml",
+    "validate",
 ]

@@ -1,52 +1,111 @@
-"""Model weights: `.safetensors` or `.bin` (weights-only), local paths or the Hugging Face Hub.
+"""Model weights: `.safetensors`, `.bin`, `.pt`, `.pth` (weights-only, never unpickling code), from local paths or
+from where they are published (the Hugging Face Hub), loaded strictly with errors that name the problem.
 
-Released weights:
-- generators on the Hub repo `qyoo/reAR`: `reAR-S.safetensors`, `reAR-B.safetensors`, `reAR-L.safetensors`;
-- the tokenizer on `fun-research/TiTok`: `maskgit-vqgan-imagenet-f16-256.bin`.
+Every released file this project loads is listed in `PUBLISHED` with its source, full URL and size, so that a
+missing one says where to get it and how to pass a local copy. Offline, a lookup fails within seconds.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import socket
+import zipfile
+from dataclasses import dataclass
 from typing import Dict, Mapping, Optional
 
 import torch
 from torch import nn
 
-REAR_HUB_REPO = "qyoo/reAR"
-TOKENIZER_HUB_REPO = "fun-research/TiTok"
-TOKENIZER_FILENAME = "maskgit-vqgan-imagenet-f16-256.bin"
-GENERATOR_FILENAMES = {
-    "reAR-S": "reAR-S.safetensors",
-    "reAR-B": "reAR-B.safetensors",
-    "reAR-L": "reAR-L.safetensors",
+from utils.errors import MissingWeightsError, WeightsError
+
+HUB = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class Published:
+    """Where a released file is: a Hub repo (downloaded on demand) or a page to download it from by hand."""
+
+    repo: Optional[str]  # Hugging Face Hub repo, or None when published elsewhere
+    size: str  # as published (≈ from the parameter count where the page gives none)
+    page: Optional[str] = None  # download page when not on the Hub
+    what: str = ""
+
+    def url(self, filename: str) -> str:
+        return f"{HUB}/{self.repo}/resolve/main/{filename}" if self.repo else str(self.page)
+
+
+PUBLISHED: Dict[str, Published] = {
+    "reAR-S.safetensors": Published("qyoo/reAR", "≈0.92 GB (230.99M float32 parameters)", what="reAR-S generator"),
+    "reAR-B.safetensors": Published("qyoo/reAR", "≈1.09 GB (273.52M float32 parameters)", what="reAR-B generator"),
+    "reAR-L.safetensors": Published("qyoo/reAR", "≈1.90 GB (475.31M float32 parameters)", what="reAR-L generator"),
+    "maskgit-vqgan-imagenet-f16-256.bin": Published(
+        "fun-research/TiTok", "≈0.22 GB (54.5M float32 parameters)", what="MaskGIT-VQGAN tokenizer"
+    ),
 }
+GENERATOR_FILENAMES = {"reAR-S": "reAR-S.safetensors", "reAR-B": "reAR-B.safetensors", "reAR-L": "reAR-L.safetensors"}
+TOKENIZER_FILENAME = "maskgit-vqgan-imagenet-f16-256.bin"
+HUB_PROBE_TIMEOUT_S = 3.0
 
-# Known published files, so that a missing one says where to get it.
-PUBLISHED = {name: REAR_HUB_REPO for name in GENERATOR_FILENAMES.values()} | {TOKENIZER_FILENAME: TOKENIZER_HUB_REPO}
 
-
-def published_at(path: str) -> str:
-    repo = PUBLISHED.get(os.path.basename(path))
-    if repo is None:
+def where_published(path: str) -> str:
+    """'; published as <url> (<size>)' for a known file, else ''."""
+    name = os.path.basename(path)
+    entry = PUBLISHED.get(name)
+    if entry is None:
         return ""
-    return f"; the released file is published on the Hugging Face Hub as {repo}/{os.path.basename(path)}"
+    source = f"the Hugging Face Hub repo {entry.repo}" if entry.repo else "a download page (not on the Hub)"
+    return f"; the released file is published on {source}: {entry.url(name)} ({entry.size})"
 
 
+def describe_file(path: Optional[str]) -> Optional[str]:
+    """`path` with its size when it is a local file (how a sampling folder records which weights made it)."""
+    if path and os.path.isfile(path):
+        return f"{path} ({os.path.getsize(path)} bytes)"
+    return path
+
+
+# ----------------------------------------------------------------------------------------- reading a file
 def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     """A state dict from a `.safetensors` file or a torch `.bin`/`.pt`/`.pth` file, loaded weights-only."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}{published_at(path)}")
+        raise MissingWeightsError(f"weights file not found: {path}{where_published(path)}")
+    if os.path.getsize(path) == 0:
+        raise WeightsError(f"weights file {path} is empty (0 bytes): an interrupted download? fetch it again"
+                           f"{where_published(path)}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return _load_safetensors(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses any pickled object that is not a tensor or a plain container: such a file could run
+        # code when loaded, so it is refused here too, whatever it holds.
+        detail = str(err).split("\n")[0].split("Unsupported")[-1].strip(" :.")
+        raise WeightsError(
+            f"refusing to load {path} for safety: it holds pickled Python objects other than tensors "
+            f"({detail or 'not a plain state dict'}); only weights-only files are loaded. If you made this file, "
+            "save its state dict instead (torch.save(model.state_dict(), path) or a .safetensors file)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise WeightsError(f"weights file {path} is unreadable (truncated or corrupt?): "
+                           f"{str(err).splitlines()[0]}{where_published(path)}") from None
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
+        raise WeightsError(f"{path} does not hold a state dict (found {type(state).__name__})")
     return dict(state)
 
 
+def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"weights file {path} is unreadable (truncated or corrupt?): "
+                           f"{str(err).splitlines()[0]}{where_published(path)}") from None
+
+
+# ----------------------------------------------------------------------------------------- fitting a model
 def describe_mismatch(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     """Every way `state_dict` fails to fit `module`: missing and unexpected keys, and shape mismatches."""
     expected = module.state_dict()
@@ -61,34 +120,73 @@ def describe_mismatch(module: nn.Module, state_dict: Mapping[str, torch.Tensor])
 
 
 def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "checkpoint") -> nn.Module:
-    """`module.load_state_dict(state_dict, strict=True)` with an error that lists every offending key."""
+    """`module.load_state_dict(state_dict, strict=True)` with one error that counts and shows the offending keys."""
     problems = describe_mismatch(module, state_dict)
     if problems:
-        shown = "\n  ".join(problems[:50])
-        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise ValueError(f"{what} does not fit the model ({len(problems)} problems):\n  {shown}{more}")
+        shown = "; ".join(problems[:3])
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise WeightsError(f"{what} does not fit the model ({len(problems)} problems: {shown}{more}): "
+                           "are the config's sizes those of the checkpoint?")
     module.load_state_dict(state_dict, strict=True)
     return module
 
 
-def resolve_weights(path_or_name: str, hub_repo: Optional[str] = None) -> str:
-    """A local path as is; otherwise the file `path_or_name` fetched from `hub_repo` on the Hugging Face Hub.
+# ----------------------------------------------------------------------------------------- finding a file
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hub answers at all (one TCP connection), so that offline a lookup fails at once instead of
+    after the download client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", HUB).split("://")[-1].split("/")[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        with socket.create_connection((host, int(port or 443)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
-    Offline, a file that is neither local nor in the Hub cache is an error that names the file, the repo and
-    how to pass a local path instead.
-    """
+
+def resolve_weights(path_or_name: str, hub_repo: Optional[str] = None, local_option: str = "") -> str:
+    """A local path as is; otherwise the released file `path_or_name` from the Hub cache or the Hub.
+
+    A file that is neither local nor obtainable is an error that names the file, where it is published (URL and
+    size) and how to pass a local copy (`local_option`, e.g. "experiment.generator_checkpoint=PATH")."""
     if os.path.isfile(path_or_name):
         return path_or_name
-    repo = hub_repo or PUBLISHED.get(os.path.basename(path_or_name))
+    name = os.path.basename(path_or_name)
+    entry = PUBLISHED.get(name)
+    repo = hub_repo or (entry.repo if entry else None)
+    how = f"pass a local copy with {local_option}" if local_option else "pass the path of a local copy"
     if repo is None:
-        raise FileNotFoundError(f"checkpoint not found: {path_or_name}")
-    from huggingface_hub import hf_hub_download
+        raise MissingWeightsError(f"weights file not found: {path_or_name}{where_published(path_or_name)}; {how}")
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    try:
-        return hf_hub_download(repo_id=repo, filename=os.path.basename(path_or_name))
-    except Exception as err:  # offline, no such repo or file, or an HTTP error: all end the same way
-        raise FileNotFoundError(
-            f"checkpoint not found: {path_or_name} is not a local file, and "
-            f"{os.path.basename(path_or_name)} could not be fetched from the Hugging Face Hub ({repo}): "
-            f"{type(err).__name__}: {err}. Download it where you have internet and pass its local path."
-        ) from None
+    cached = try_to_load_from_cache(repo_id=repo, filename=name)
+    if isinstance(cached, str):
+        return cached
+    reason = "the Hugging Face Hub cannot be reached (offline?)"
+    if hub_reachable():
+        try:
+            return hf_hub_download(repo_id=repo, filename=name)
+        except Exception as err:  # no such repo or file, or an HTTP error: all end the same way
+            reason = f"fetching it from the Hub failed ({type(err).__name__}: {str(err).splitlines()[0]})"
+    url = entry.url(name) if entry else f"{HUB}/{repo}/resolve/main/{name}"
+    size = f" ({entry.size})" if entry else ""
+    raise MissingWeightsError(
+        f"weights file not found: {path_or_name} is not a local file and {reason}; download {url}{size} "
+        f"where you have internet and {how}"
+    )
+
+
+__all__ = [
+    "GENERATOR_FILENAMES",
+    "PUBLISHED",
+    "Published",
+    "TOKENIZER_FILENAME",
+    "describe_file",
+    "describe_mismatch",
+    "load_checked",
+    "load_state_dict_file",
+    "resolve_weights",
+    "where_published",
+]

@@ -1,9 +1,11 @@
 """Image tokenizers, chosen by `model.vq_model.model_type`.
 
-A tokenizer module has `encode(images)`, `decode_tokens(tokens)`, `get_quantized_states(tokens)` and the
-properties `codebook_size` and `token_size`. A new one registers a builder with `@register_tokenizer(name)`:
-`builder(config, checkpoint)` gets the whole config and the weights file to load (or None) and returns the
-frozen tokenizer.
+A tokenizer is a frozen module with `encode(images in [0, 1]) -> (B, N)`, `decode_tokens(tokens)`,
+`get_quantized_states(tokens) -> (B, N, token_size)` (the codebook vectors reAR's alignment heads are trained
+towards) and the properties `codebook_size`, `token_size`, `num_tokens` and `image_size`. A new one is one module
+and one `@register_tokenizer(name)` line: `builder(config, checkpoint)` gets the whole config and the weights file
+to load (or None: random weights) and returns the tokenizer. A tokenizer that is fitted rather than loaded (the toy
+one) says so with `needs_fit` and is fitted on the images `build_tokenizer` is given.
 """
 
 from __future__ import annotations
@@ -11,73 +13,95 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
+from utils.config import canonical_choice, register_choice
+from utils.errors import ConfigError, MissingWeightsError
 from utils.weights import load_checked, load_state_dict_file, resolve_weights
 
 from .maskgit_vqgan import MaskGITVQGAN
+from .toy import PatchKMeansTokenizer
 
 TokenizerBuilder = Callable[[object, Optional[str]], nn.Module]
 TOKENIZERS: Dict[str, TokenizerBuilder] = {}
 
 
-def register_tokenizer(name: str) -> Callable[[TokenizerBuilder], TokenizerBuilder]:
+def register_tokenizer(name: str, *aliases: str) -> Callable[[TokenizerBuilder], TokenizerBuilder]:
+    """Register `builder` under `name` (and the original configs' other names for it, `aliases`)."""
+
     def register(builder: TokenizerBuilder) -> TokenizerBuilder:
         if name in TOKENIZERS:
             raise ValueError(f"tokenizer '{name}' is already registered")
         TOKENIZERS[name] = builder
+        for key in (name, *aliases):
+            register_choice("model.vq_model.model_type", key, canonical=name)
         return builder
 
     return register
 
 
-@register_tokenizer("maskgit_vqgan")
+@register_tokenizer("maskgit_vqgan", "maskgitvq")
 def build_maskgit_vqgan(config, checkpoint: Optional[str]) -> nn.Module:
-    """The released f16 architecture; without a checkpoint its weights are random (tests only)."""
-    return MaskGITVQGAN.from_pretrained(checkpoint) if checkpoint else MaskGITVQGAN()
+    """The released f16 architecture (or the one the weights' shapes describe); random weights without a checkpoint."""
+    resolution = config.dataset.preprocessing.crop_size
+    if checkpoint:
+        return MaskGITVQGAN.from_pretrained(checkpoint, resolution=resolution)
+    return MaskGITVQGAN({"resolution": resolution})
 
 
 @register_tokenizer("toy")
 def build_toy_tokenizer(config, checkpoint: Optional[str]) -> nn.Module:
-    """Patch k-means on the built-in toy images: loaded from `checkpoint`, else fitted from `dataset.toy.seed`
-    (the same codebook for the same config). Patch size = image size / sqrt(num_latent_tokens)."""
-    from utils.toy_data import toy_images
-
-    from .toy import PatchKMeansTokenizer
-
-    vq, toy = config.model.vq_model, config.dataset.toy
+    """Patch k-means on the built-in toy images, loaded from `checkpoint` or fitted by training (`needs_fit`).
+    Patch size = image size / sqrt(num_latent_tokens)."""
+    vq, size = config.model.vq_model, config.dataset.toy.image_size
     side = math.isqrt(vq.num_latent_tokens)
-    if side * side != vq.num_latent_tokens or toy.image_size % side:
-        raise ValueError(
-            f"model.vq_model.num_latent_tokens ({vq.num_latent_tokens}) must be a square whose side divides "
-            f"dataset.toy.image_size ({toy.image_size})"
+    if side * side != vq.num_latent_tokens or size % side:
+        raise ConfigError(
+            f"'model.vq_model.num_latent_tokens' ({vq.num_latent_tokens}) must be a square whose side divides "
+            f"'dataset.toy.image_size' ({size})"
         )
-    patch_size = toy.image_size // side
-    tokenizer = PatchKMeansTokenizer(vq.codebook_size, patch_size, toy.image_size)
+    tokenizer = PatchKMeansTokenizer(vq.codebook_size, size // side, size)
     if checkpoint:
         return load_checked(tokenizer, load_state_dict_file(checkpoint), f"toy tokenizer {checkpoint}")
-    images, _ = toy_images(min(toy.num_images, 1000), toy.num_classes, toy.image_size, toy.seed)
-    return tokenizer.fit(images, iterations=15, seed=toy.seed)
-
-
-def build_tokenizer(config) -> nn.Module:
-    """The tokenizer named by `config.model.vq_model.model_type`, with its weights loaded.
-
-    Weights: `experiment.tokenizer_checkpoint` if set, else `model.vq_model.pretrained_tokenizer_weight`;
-    either is a local path or the name of a published file (fetched from the Hugging Face Hub).
-    """
-    vq = config.model.vq_model
-    if vq.model_type not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer model_type '{vq.model_type}'; known: {sorted(TOKENIZERS)}")
-    checkpoint = config.experiment.tokenizer_checkpoint or vq.pretrained_tokenizer_weight
-    tokenizer = TOKENIZERS[vq.model_type](config, resolve_weights(checkpoint) if checkpoint else None)
-    # The generator's vocabulary and alignment heads are sized from the config, so it must describe this tokenizer.
-    for key in ("codebook_size", "token_size"):
-        if getattr(tokenizer, key) != vq[key]:
-            raise ValueError(
-                f"model.vq_model.{key} is {vq[key]} but the '{vq.model_type}' tokenizer has {getattr(tokenizer, key)}"
-            )
+    tokenizer.needs_fit = True
     return tokenizer
 
 
-__all__ = ["TOKENIZERS", "MaskGITVQGAN", "build_tokenizer", "register_tokenizer"]
+def check_pairing(config, tokenizer: nn.Module) -> None:
+    """The generator is sized by the config; it must describe this tokenizer (vocabulary, length, alignment width)."""
+    vq, g = config.model.vq_model, config.model.generator
+    pairs = [
+        ("model.vq_model.codebook_size", vq.codebook_size, tokenizer.codebook_size),
+        ("model.vq_model.token_size", vq.token_size, tokenizer.token_size),
+        ("model.generator.image_seq_len", g.image_seq_len, tokenizer.num_tokens),
+    ]
+    for key, configured, actual in pairs:
+        if configured != actual:
+            raise ConfigError(f"'{key}' is {configured} but the '{vq.model_type}' tokenizer has {actual}")
+
+
+def build_tokenizer(config, fit_images: Optional[Tensor] = None) -> nn.Module:
+    """The tokenizer named by `config.model.vq_model.model_type`, with its weights loaded (or fitted on
+    `fit_images`), checked against the config.
+
+    Weights: `experiment.tokenizer_checkpoint` if set, else `model.vq_model.pretrained_tokenizer_weight`;
+    either is a local path or the name of a published file (fetched from where it is published).
+    """
+    name = canonical_choice(config, "model.vq_model.model_type")
+    if name not in TOKENIZERS:
+        raise ConfigError(f"'model.vq_model.model_type' is '{name}', not one of {', '.join(sorted(TOKENIZERS))}")
+    checkpoint = config.experiment.tokenizer_checkpoint or config.model.vq_model.pretrained_tokenizer_weight
+    path = resolve_weights(checkpoint, local_option="experiment.tokenizer_checkpoint=PATH") if checkpoint else None
+    tokenizer = TOKENIZERS[name](config, path)
+    if getattr(tokenizer, "needs_fit", False):
+        if fit_images is None:
+            raise MissingWeightsError(
+                f"the '{name}' tokenizer has no weights: training fits it and saves OUTPUT_DIR/tokenizer.safetensors; "
+                "pass experiment.tokenizer_checkpoint=OUTPUT_DIR/tokenizer.safetensors"
+            )
+        tokenizer.fit(fit_images, iterations=15, seed=config.dataset.toy.seed)
+    check_pairing(config, tokenizer)
+    return tokenizer
+
+
+__all__ = ["TOKENIZERS", "MaskGITVQGAN", "build_tokenizer", "check_pairing", "register_tokenizer"]

@@ -18,6 +18,8 @@ from torch import nn
 
 from utils.weights import load_checked, load_state_dict_file, resolve_weights
 
+from .checks import check_tokens
+
 # The released f16 tokenizer; a mapping with (some of) these keys builds another size.
 RELEASED_CONFIG = {
     "channel_mult": [1, 1, 2, 2, 4],
@@ -242,14 +244,18 @@ class MaskGITVQGAN(nn.Module):
         return super().train(False)
 
     @classmethod
-    def from_pretrained(cls, path: str, config: Optional[Mapping[str, Any]] = None) -> "MaskGITVQGAN":
+    def from_pretrained(cls, path: str, config: Optional[Mapping[str, Any]] = None,
+                        resolution: Optional[int] = None) -> "MaskGITVQGAN":
         """Load weights (the released `.bin` state dict, or a `.safetensors` file) with strict key checking.
 
         Without `config` the architecture is read off the weights' shapes (the released file gives the
-        released architecture), so that a smaller tokenizer loads through the same path."""
+        released architecture), so that a smaller tokenizer loads through the same path; `resolution` (which
+        the weights do not record) sets the image size the tokenizer is used at."""
         state_dict = load_state_dict_file(resolve_weights(path))  # first, so that a missing file fails before building the model
         if config is None:
             config = config_from_state_dict(state_dict)
+            if config is not None and resolution is not None:
+                config["resolution"] = resolution
         return load_checked(cls(config), state_dict, what=f"MaskGIT-VQGAN weights {path}")
 
     @property
@@ -264,6 +270,15 @@ class MaskGITVQGAN(nn.Module):
     def downsample_factor(self) -> int:
         return 2 ** (self.config["num_resolutions"] - 1)
 
+    @property
+    def image_size(self) -> int:
+        return self.config["resolution"]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of an `image_size` image (a convolutional tokenizer takes any multiple of the factor)."""
+        return (self.image_size // self.downsample_factor) ** 2
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] -> tokens (B, H/f * W/f), row-major."""
@@ -274,7 +289,7 @@ class MaskGITVQGAN(nn.Module):
     @torch.no_grad()
     def get_quantized_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N) -> their codebook vectors (B, N, token_size)."""
-        self._check_tokens(tokens)
+        check_tokens(tokens, self.codebook_size)
         return self.quantize.embedding(tokens)
 
     @torch.no_grad()
@@ -295,19 +310,3 @@ class MaskGITVQGAN(nn.Module):
             raise ValueError(f"image height and width must be multiples of {f}, got {tuple(images.shape[2:])}")
         if not images.is_floating_point():
             raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}")
-
-    def _check_tokens(self, tokens: torch.Tensor) -> None:
-        if tokens.dim() != 2 or tokens.is_floating_point() or tokens.dtype == torch.bool:
-            raise ValueError(
-                f"tokens must be an integer tensor of shape (B, N), got {tokens.dtype} {tuple(tokens.shape)}"
-            )
-        if tokens.numel() == 0:
-            return
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= self.codebook_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"token {bad} is outside the codebook range [0, {self.codebook_size})")
-
-
-def load_maskgit_vqgan(path: str, config: Optional[Mapping[str, Any]] = None) -> MaskGITVQGAN:
-    return MaskGITVQGAN.from_pretrained(path, config)

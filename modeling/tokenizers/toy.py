@@ -14,8 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_tokens
+
 
 class PatchKMeansTokenizer(nn.Module):
+    needs_fit = False  # set by the builder when there are no weights to load: training fits it
+
     def __init__(self, codebook_size: int, patch_size: int, image_size: int, channels: int = 3):
         super().__init__()
         if image_size % patch_size:
@@ -30,6 +34,10 @@ class PatchKMeansTokenizer(nn.Module):
     @property
     def token_size(self) -> int:
         return self.codebook.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
 
     def patches(self, images: Tensor) -> Tensor:
         """(B, C, H, W) → (B, N, C·p·p), patches in row-major order, each flattened channel-first."""
@@ -54,6 +62,7 @@ class PatchKMeansTokenizer(nn.Module):
             means = sums / counts.clamp(min=1)[:, None]
             means[empty] = data[torch.randint(len(data), (int(empty.sum()),), generator=g)]
             self.codebook.copy_(means)
+        self.needs_fit = False
         return self
 
     def nearest_codes(self, z: Tensor) -> Tensor:
@@ -69,9 +78,7 @@ class PatchKMeansTokenizer(nn.Module):
     @torch.no_grad()
     def get_quantized_states(self, tokens: Tensor) -> Tensor:
         """Tokens (B, N) → their codebook vectors (B, N, token_size)."""
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.codebook_size):
-            low, high = int(tokens.min()), int(tokens.max())
-            raise ValueError(f"token ids must be in [0, {self.codebook_size}), got [{low}, {high}]")
+        check_tokens(tokens, self.codebook_size)
         return F.embedding(tokens, self.codebook)
 
     @torch.no_grad()

@@ -16,7 +16,9 @@ from torch import Tensor
 
 SHAPES = ("disk", "square", "triangle", "cross", "ring")
 COLOURS = ((0.95, 0.25, 0.15), (0.20, 0.55, 0.95))  # red, blue
+COLOUR_NAMES = ("red", "blue")
 MAX_CLASSES = len(SHAPES) * len(COLOURS)
+TOY_CLASS_NAMES = [f"{c} {COLOUR_NAMES[c // len(SHAPES)]} {SHAPES[c % len(SHAPES)]}" for c in range(MAX_CLASSES)]
 
 
 def shape_mask(shape: str, y: Tensor, x: Tensor, radius: Tensor) -> Tensor:
@@ -97,3 +99,17 @@ class ToyClassifier:
     def share_correct(self, images: Tensor, labels: Tensor) -> float:
         """Share of `images` assigned to their `labels`."""
         return (self.predict(images) == labels).float().mean().item()
+
+
+def tokenizer_fit_images(config) -> Tensor:
+    """The toy images the toy tokenizer is fitted on (the same for the same `dataset.toy`)."""
+    toy = config.dataset.toy
+    return toy_images(min(toy.num_images, 1000), toy.num_classes, toy.image_size, toy.seed)[0]
+
+
+def toy_class_share(images: Tensor, class_ids: Tensor, config) -> float:
+    """Share of `images` that a classifier fitted on fresh toy images assigns to the requested class."""
+    toy = config.dataset.toy
+    train_images, labels = toy_images(4000, toy.num_classes, toy.image_size, seed=toy.seed + 1)
+    classifier = ToyClassifier.fit(train_images, labels, toy.num_classes)
+    return classifier.share_correct(images.cpu(), class_ids.cpu())

@@ -1,4 +1,5 @@
-"""Image pre-processing for ImageNet: ADM's center crop, flips and LlamaGen's ten crops, to tensors in [0, 1]."""
+"""Image pre-processing for ImageNet: ADM's center crop and RAR's ten crops (pre-tokenization), the original's
+training transform (on-the-fly shards), to tensors in [0, 1]."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from typing import List
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from utils.errors import DataError
 
 
 def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
@@ -47,8 +52,19 @@ def ten_crops(image: Image.Image, size: int) -> List[Image.Image]:
     return five_crops(image, size) + five_crops(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), size)
 
 
-def random_flip(image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    return image.flip(-1) if torch.rand((), generator=generator) < 0.5 else image
+def training_transform(preprocessing) -> transforms.Compose:
+    """The original release's on-the-fly training transform for WebDataset images (`dataset.preprocessing`):
+    resize the shorter edge to `resize_shorter_edge` (bicubic, antialiased), crop `crop_size` at the center (or at
+    random with `random_crop`), flip at random with `random_flip`, to a tensor in [0, 1]. Pre-tokenization keeps
+    RAR's procedure instead (ADM center crop / ten crops, `scripts/pretokenization.py`)."""
+    size = preprocessing.crop_size
+    steps = [
+        transforms.Resize(preprocessing.resize_shorter_edge, interpolation=InterpolationMode.BICUBIC, antialias=True),
+        transforms.RandomCrop(size) if preprocessing.random_crop else transforms.CenterCrop(size),
+    ]
+    if preprocessing.random_flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    return transforms.Compose([*steps, transforms.ToTensor()])
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -58,10 +74,10 @@ def list_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, label) of every image under root/<class>/, classes sorted by name (ImageNet's synset order gives
     the standard labels 0..999), files sorted within a class."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise DataError(f"image folder not found: {root}")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
-        raise FileNotFoundError(f"{root} has no class sub-folders (expected root/<class>/<image>)")
+        raise DataError(f"{root} has no class sub-folders (expected root/<class>/<image>)")
     items = [
         (os.path.join(root, name, file), label)
         for label, name in enumerate(classes)

@@ -1,9 +1,10 @@
 """Training batches from one of three sources, chosen by the config:
 
-- `dataset.name: toy`: the built-in toy images (`utils/toy_data.py`), tokenized once in memory;
-- `dataset.params.pretokenization`: a pre-tokenized JSONL file (`utils/pretokenized.py`), memory-mapped;
-- `dataset.params.train_shards_path_or_url`: ImageNet WebDataset shards, tokenized on the fly by the frozen
-  tokenizer (batches hold images; the training step encodes them).
+- `dataset.name: toy`: the built-in toy images (`utils/data/toy.py`), tokenized once in memory;
+- `dataset.params.pretokenization`: a pre-tokenized JSONL file (`utils/data/pretokenized.py`), memory-mapped;
+- `dataset.params.train_shards_path_or_url`: ImageNet WebDataset shards, decoded and transformed as the original
+  release does (bicubic resize of the shorter edge, center or random crop, random flip) and tokenized on the fly
+  by the frozen tokenizer (batches hold images; the training step encodes them).
 
 Token data is read in a resumable order: the global stream of samples visits a seeded permutation of the data
 set per pass, and a run at position p (samples consumed so far, saved in the checkpoint) continues from p. Each
@@ -13,15 +14,17 @@ optimizer step takes the next global batch of the stream; process r reads its r-
 from __future__ import annotations
 
 import os
+import warnings
 from functools import partial
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
-from utils.images import center_crop_arr, load_rgb, random_flip, to_tensor
-from utils.pretokenized import DataError, TokenDataset, open_pretokenized
-from utils.toy_data import toy_images
+from utils.data.images import load_rgb, training_transform
+from utils.data.pretokenized import TokenDataset, open_pretokenized
+from utils.data.toy import toy_images
+from utils.errors import DataError
 
 
 class ResumableSampler:
@@ -92,26 +95,38 @@ def expand_shards(pattern: str) -> List[str]:
     urls = [u for part in pattern.split("::") for u in braceexpand.braceexpand(part)]
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
     if missing:
-        raise FileNotFoundError(
+        raise DataError(
             f"{len(missing)} of {len(urls)} training shards not found, e.g. {missing[0]} "
             "(dataset.params.train_shards_path_or_url)"
         )
     return urls
 
 
-class ImageTransform:
-    """ADM center crop to `preprocessing.crop_size`, random horizontal flip, float in [0, 1]."""
-
-    def __init__(self, crop_size: int, flip: bool):
-        self.crop_size, self.flip = crop_size, flip
-
-    def __call__(self, data: bytes) -> torch.Tensor:
-        image = to_tensor(center_crop_arr(load_rgb(data), self.crop_size))
-        return random_flip(image) if self.flip else image
-
-
 def class_label(data) -> int:
     return int(data.decode() if isinstance(data, bytes) else data)
+
+
+class DecodeSample:
+    """A shard member → (image tensor, class id), or None (with a warning naming the shard and the key) when the
+    member cannot be decoded: one corrupt JPEG does not stop an 8-GPU run, and is not skipped silently."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, sample: Dict) -> Optional[Tuple[torch.Tensor, int]]:
+        where = f"shard {sample.get('__url__', '?')} member {sample.get('__key__', '?')}"
+        image_key = next((k for k in ("jpg", "png", "jpeg", "webp") if k in sample), None)
+        try:
+            if image_key is None or "cls" not in sample:
+                raise DataError(f"no image or no 'cls' (keys: {sorted(k for k in sample if not k.startswith('__'))})")
+            return self.transform(load_rgb(sample[image_key])), class_label(sample["cls"])
+        except Exception as err:  # a corrupt or truncated member: every decoder error counts
+            warnings.warn(f"skipping {where}: {type(err).__name__}: {err}", stacklevel=1)
+            return None
+
+
+def decodable(samples: Iterator[Optional[Tuple]]) -> Iterator[Tuple]:
+    return (sample for sample in samples if sample is not None)
 
 
 def shard_loader(config, step: int) -> DataLoader:
@@ -128,8 +143,8 @@ def shard_loader(config, step: int) -> DataLoader:
         wds.ResampledShards(expand_shards(params.train_shards_path_or_url), seed=seed, deterministic=True),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         wds.shuffle(params.shuffle_buffer_size, seed=seed),
-        wds.to_tuple("jpg;png;jpeg;webp", "cls", handler=wds.warn_and_continue),
-        wds.map_tuple(ImageTransform(pre.crop_size, pre.random_flip), class_label),
+        wds.map(DecodeSample(training_transform(pre))),
+        decodable,
         wds.batched(config.training.per_gpu_batch_size, partial=False),
     )
     workers = params.num_workers_per_gpu
@@ -164,7 +179,7 @@ def training_dataset(config, tokenizer) -> TokenDataset | None:
     elif params.train_shards_path_or_url:
         return None
     else:
-        raise ValueError(
+        raise DataError(
             "no training data: set dataset.params.pretokenization (a JSONL file) or "
             "dataset.params.train_shards_path_or_url (WebDataset shards), or dataset.name=toy"
         )

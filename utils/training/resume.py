@@ -1,35 +1,42 @@
-"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+"""Training checkpoints: everything needed to continue a run exactly, written atomically and verified on resume.
 
-A checkpoint is a directory `OUTPUT_DIR/checkpoints/checkpoint-<step>/` holding
-    model.safetensors       the generator (names as `ReAR.state_dict()`)
-    ema.safetensors         the EMA weights, when training.use_ema
+A checkpoint is a folder `OUTPUT_DIR/checkpoints/checkpoint-<step>/` holding
+    model.safetensors       the generator (names as its `state_dict()`)
+    ema.safetensors         the EMA weights and step, when training.use_ema
     optimizer.pt            AdamW state;  scheduler.pt  the lr schedule;  scaler.pt  the fp16 loss scale, if any
     rng_state_<rank>.pt     python, numpy, torch (and CUDA) generator states of every process
     train_state.json        step, samples consumed (the data position), world size
+    manifest.json           size and SHA-256 of every file above, written last
 It is written under a temporary name and renamed when complete, so a crash while saving leaves the previous
-checkpoint intact and a half-written one is never mistaken for a checkpoint. With several machines the output
-directory must be on a file system they share (every process writes its own RNG state).
+checkpoint intact and a half-written one is never mistaken for a checkpoint. On resume the newest checkpoint whose
+files match its manifest is used; a damaged one (truncated, flipped bytes, a missing file) is set aside as
+`checkpoint-<step>.damaged` with a warning that names it. With several machines the output folder must be on a
+file system they share (every process writes its own RNG state).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from utils.errors import OutputError, UserError
+from utils.files import TEMPORARY_MARK, atomic_path, is_disk_full, remove_temporaries
 from utils.weights import load_checked
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST = "manifest.json"
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError):
     """A non-finite loss, gradient or weight: training stops before anything is written."""
 
 
@@ -37,18 +44,13 @@ def checkpoint_root(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
-def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints, oldest first (temporary directories of an interrupted save are ignored)."""
+def list_checkpoints(output_dir: str) -> List[str]:
+    """Checkpoint folders, oldest first (temporaries of an interrupted save or prune are not listed)."""
     root = checkpoint_root(output_dir)
     if not os.path.isdir(root):
         return []
     found = [(int(m.group(1)), name) for name in os.listdir(root) if (m := CHECKPOINT_PATTERN.match(name))]
     return [os.path.join(root, name) for _, name in sorted(found)]
-
-
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    checkpoints = list_checkpoints(output_dir)
-    return checkpoints[-1] if checkpoints else None
 
 
 # ------------------------------------------------------------------------------------------- RNG states
@@ -76,6 +78,58 @@ def set_rng_state(state: Dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ------------------------------------------------------------------------------------------- integrity
+def file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str) -> None:
+    entries = {
+        name: {"size": os.path.getsize(os.path.join(directory, name)), "sha256": file_digest(os.path.join(directory, name))}
+        for name in sorted(os.listdir(directory))
+    }
+    with open(os.path.join(directory, MANIFEST), "w") as f:
+        json.dump(entries, f, indent=2)
+
+
+def damage(directory: str) -> Optional[str]:
+    """What is wrong with a checkpoint folder, or None when every file matches its manifest."""
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except (OSError, ValueError):
+        return f"{MANIFEST} is missing or unreadable"
+    for name, entry in entries.items():
+        file = os.path.join(directory, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != entry["size"]:
+            return f"{name} has {os.path.getsize(file)} bytes, {entry['size']} were written"
+        if file_digest(file) != entry["sha256"]:
+            return f"{name} does not match the checksum it was written with"
+    return None
+
+
+def latest_checkpoint(output_dir: str, warn: Callable[[str], None] = print) -> Optional[str]:
+    """The newest intact checkpoint. Damaged ones are renamed `<name>.damaged` (kept for inspection, never loaded
+    or counted again) with a warning that names them."""
+    for directory in reversed(list_checkpoints(output_dir)):
+        problem = damage(directory)
+        if problem is None:
+            return directory
+        aside = f"{directory}.damaged"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(directory, aside)
+        warn(f"warning: checkpoint {directory} is damaged ({problem}); moved it to {aside} "
+             "and resuming from the newest intact one")
+    return None
+
+
 # ------------------------------------------------------------------------------------------- writing
 def check_finite(state_dict: Dict[str, torch.Tensor], what: str) -> None:
     bad = [name for name, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -87,20 +141,11 @@ def contiguous(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
 
 
-def fsync_files(directory: str) -> None:
-    for name in os.listdir(directory):
-        with open(os.path.join(directory, name), "rb") as f:
-            os.fsync(f.fileno())
-
-
 def save_weights(path: str, state_dict: Dict[str, torch.Tensor]) -> None:
-    """One `.safetensors` file, written to a temporary name and renamed (finite weights only)."""
+    """One `.safetensors` file, written atomically (finite weights only)."""
     check_finite(state_dict, path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(contiguous(state_dict), tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(contiguous(state_dict), tmp)
 
 
 def save_checkpoint(
@@ -112,24 +157,36 @@ def save_checkpoint(
     rank: int,
 ) -> str:
     """Write checkpoint `step` collectively: every rank saves its RNG state, the main rank (0) calls
-    `write_shared(directory)` for the model, optimizer, etc., then renames the directory into place."""
+    `write_shared(directory)` for the model, optimizer, etc., writes the manifest, and renames the folder into place.
+    A full disk stops with a clear error and leaves the earlier checkpoints as they were."""
     root = checkpoint_root(output_dir)
     final = os.path.join(root, f"checkpoint-{step:08d}")
-    tmp = os.path.join(root, f".tmp-checkpoint-{step:08d}")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
-        os.makedirs(tmp)
-    barrier()
-    torch.save(rng_state(), os.path.join(tmp, f"rng_state_{rank}.pt"))
-    barrier()
-    if rank == 0:
-        write_shared(tmp)
-        with open(os.path.join(tmp, "train_state.json"), "w") as f:
-            json.dump({**train_state, "step": step}, f, indent=2)
-        fsync_files(tmp)
-        if os.path.exists(final):  # the same step saved again (a resumed run that ends where it began)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+    tmp = f"{final}{TEMPORARY_MARK}save"  # one name for every rank (pids differ)
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
+            os.makedirs(tmp)
+        barrier()
+        torch.save(rng_state(), os.path.join(tmp, f"rng_state_{rank}.pt"))
+        barrier()
+        if rank == 0:
+            write_shared(tmp)
+            with open(os.path.join(tmp, "train_state.json"), "w") as f:
+                json.dump({**train_state, "step": step}, f, indent=2)
+            write_manifest(tmp)
+            for name in os.listdir(tmp):
+                with open(os.path.join(tmp, name), "rb") as f:
+                    os.fsync(f.fileno())
+            if os.path.exists(final):  # the same step saved again (a resumed run that ends where it began)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+    except BaseException as err:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err) or "unexpected pos" in str(err):
+            raise OutputError(f"the disk is full: could not save checkpoint {final} ({str(err).splitlines()[0]}); "
+                              "the earlier checkpoints are intact: free some space and rerun to resume") from None
+        raise
     barrier()
     return final
 
@@ -149,10 +206,19 @@ def write_training_state(directory: str, model, optimizer, scheduler, ema=None, 
 
 
 def prune_checkpoints(output_dir: str, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps all)."""
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps all). Each is renamed to a temporary name
+    first, so that a kill during the deletion never leaves a `checkpoint-<step>` folder with files missing."""
     if keep > 0:
         for path in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(path, ignore_errors=True)
+            doomed = f"{path}{TEMPORARY_MARK}delete"
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def clean_checkpoint_folder(output_dir: str) -> None:
+    """Remove what an interrupted save or prune left behind (temporaries only; checkpoints are never touched)."""
+    if os.path.isdir(checkpoint_root(output_dir)):
+        remove_temporaries(checkpoint_root(output_dir))
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -171,7 +237,7 @@ def load_checkpoint(directory: str, rank: int, model, optimizer, scheduler, ema=
     if ema is not None:
         ema_path = os.path.join(directory, "ema.safetensors")
         if not os.path.isfile(ema_path):
-            raise FileNotFoundError(f"training.use_ema is on but {directory} has no ema.safetensors")
+            raise UserError(f"training.use_ema is on but {directory} has no ema.safetensors (saved without EMA)")
         ema.load_state_dict(load_file(ema_path))
     if scaler is not None and os.path.isfile(os.path.join(directory, "scaler.pt")):
         scaler.load_state_dict(torch.load(os.path.join(directory, "scaler.pt"), weights_only=True))

@@ -1,6 +1,6 @@
 """Pre-tokenized training data: JSON Lines converted once into memory-mapped arrays, read at random.
 
-Input (SPEC §6): one image a line, `{"class_id": int, "tokens": [int × N]}` (tokens may be nested lists), e.g. the
+Input: one image a line, `{"class_id": int, "tokens": [int × N]}` (tokens may be nested lists), e.g. the
 public RAR `maskgitvq.jsonl` (≈12.8M lines, ten crops of every ImageNet train image). The file is streamed line by
 line into
     tokens.u16      uint16 (num_rows, N), row-major
@@ -15,19 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from utils.errors import DataError
+from utils.files import atomic_path
+
 FORMAT_VERSION = 1
 CHUNK_ROWS = 65_536
-
-
-class DataError(ValueError):
-    """Training data that cannot be used as it is: the message names the file and the line."""
 
 
 def source_key(path: str) -> str:
@@ -67,19 +65,13 @@ def parse_line(line: bytes, path: str, line_number: int, seq_len: Optional[int])
 
 def convert_jsonl(path: str, directory: str) -> None:
     """Stream `path` into the arrays of `directory`, created atomically: on any error nothing is left behind."""
-    tmp = f"{directory}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
-        meta = write_arrays(path, tmp)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(directory) as tmp:
+            os.makedirs(tmp)
+            meta = write_arrays(path, tmp)
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=2)
+    except OSError:
         if not os.path.isdir(directory):  # else another process finished the same conversion first
             raise
 
@@ -166,9 +158,6 @@ class TokenDataset(torch.utils.data.Dataset):
             "class_ids": torch.from_numpy(class_ids[indices].astype(np.int64)),
         }
 
-    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
-        return {k: v[0] for k, v in self.__getitems__([index]).items()}
-
     @property
     def seq_len(self) -> int:
         return self.arrays()[0].shape[1]
@@ -193,7 +182,7 @@ class TokenDataset(torch.utils.data.Dataset):
 def open_pretokenized(path: str, cache_dir: Optional[str] = None) -> TokenDataset:
     """The dataset of a pre-tokenized JSONL file, converting it into the cache first if needed."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pre-tokenized data not found: {path} (dataset.params.pretokenization)")
+        raise DataError(f"pre-tokenized data not found: {path} (dataset.params.pretokenization)")
     directory = cache_path(path, cache_dir)
     if not os.path.isdir(directory):
         os.makedirs(os.path.dirname(directory), exist_ok=True)

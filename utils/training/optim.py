@@ -7,7 +7,7 @@ gradient-accumulation micro-batches.
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -29,17 +29,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW from `optimizer.params`; the fused CUDA kernel when on CUDA and `optimizer.params.fused`."""
-    if config.optimizer.name != "adamw":
-        raise ValueError(f"optimizer.name must be 'adamw', got '{config.optimizer.name}'")
+def build_optimizer(model: nn.Module, config, device: torch.device, fused: Optional[bool] = None) -> torch.optim.AdamW:
+    """AdamW from `optimizer.params`; the fused CUDA kernel when on CUDA and `optimizer.params.fused` (or `fused`)."""
     p = config.optimizer.params
+    fused = p.fused if fused is None else fused
     return torch.optim.AdamW(
         param_groups(model, p.weight_decay),
         lr=p.learning_rate,
         betas=(p.beta1, p.beta2),
         eps=p.epsilon,
-        fused=bool(p.fused and device.type == "cuda") or None,
+        fused=bool(fused and device.type == "cuda") or None,
     )
 
 
@@ -53,16 +52,8 @@ def learning_rate_at(step: int, base_lr: float, end_lr: float, warmup_steps: int
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config) -> torch.optim.lr_scheduler.LambdaLR:
     """`lr_scheduler.params` with `training.max_train_steps`, as a multiplier of the optimizer's base lr."""
-    if config.lr_scheduler.scheduler != "cosine":
-        raise ValueError(f"lr_scheduler.scheduler must be 'cosine', got '{config.lr_scheduler.scheduler}'")
     s = config.lr_scheduler.params
-    total = config.training.max_train_steps
-    base = config.optimizer.params.learning_rate
-    if s.learning_rate != base:
-        raise ValueError(
-            f"lr_scheduler.params.learning_rate ({s.learning_rate}) differs from optimizer.params.learning_rate "
-            f"({base}); set one from the other (the configs use ${{optimizer.params.learning_rate}})"
-        )
+    total, base = config.training.max_train_steps, config.optimizer.params.learning_rate
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_at(step, base, s.end_lr, s.warmup_steps, total) / base
     )

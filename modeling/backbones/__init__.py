@@ -1,0 +1,54 @@
+"""Autoregressive backbones, chosen by `model.generator.backbone`; reAR's method attaches to any of them.
+
+A backbone is a `modeling.generator.Generator` subclass built from the whole config. A new one is one module and
+one `@register_backbone(name)` line; `build_generator(config)` builds the configured one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Type
+
+from utils.config import canonical_choice, register_choice
+from utils.errors import ConfigError
+
+from ..generator import Generator
+from ..rear import ReAR
+
+BACKBONES: Dict[str, Type[Generator]] = {}
+
+
+def register_backbone(name: str) -> Callable[[Type[Generator]], Type[Generator]]:
+    def register(cls: Type[Generator]) -> Type[Generator]:
+        if name in BACKBONES:
+            raise ValueError(f"backbone '{name}' is already registered")
+        BACKBONES[name] = cls
+        register_choice("model.generator.backbone", name)
+        return cls
+
+    return register
+
+
+register_backbone("rar")(ReAR)
+
+
+def backbone_class(config) -> Type[Generator]:
+    name = canonical_choice(config, "model.generator.backbone")
+    if name not in BACKBONES:
+        raise ConfigError(f"'model.generator.backbone' is '{name}', not one of {', '.join(sorted(BACKBONES))}")
+    cls = BACKBONES[name]
+    if config.model.generator.order == "random" and not cls.supports_orders:
+        raise ConfigError(f"'model.generator.order' is 'random' (RAR), which the '{name}' backbone does not support")
+    return cls
+
+
+def build_generator(config) -> Generator:
+    """The configured backbone, with reAR's alignment heads when `transition_alignment` is on (random weights)."""
+    return backbone_class(config)(config)
+
+
+def load_generator(config, path: str) -> Generator:
+    """The configured backbone with the weights at `path` (local, or a released name), in eval mode."""
+    return backbone_class(config).from_pretrained(config, path)
+
+
+__all__ = ["BACKBONES", "build_generator", "load_generator", "register_backbone"]

@@ -1,0 +1,133 @@
+"""The command line every script shares: `config=FILE.yaml a.b=c ... [--flags]`, `--help` generated from the config
+schema, and errors a user causes printed as one line.
+
+`run(script, main)` is each script's `__main__`: it parses the arguments, calls `main(config, flags)`, and turns a
+`UserError` into `error: <message>` on stderr with exit status 1 (2 for usage errors). A bug of ours keeps its
+traceback; `--debug` (or `REAR_DEBUG=1`) shows the traceback of a user error too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from omegaconf import DictConfig
+
+from utils.config import load_config, schema_fields, split_cli
+from utils.errors import UsageError, UserError
+
+DEBUG_ENV = "REAR_DEBUG"
+
+
+@dataclass
+class Script:
+    """What `--help` says about a script: its usage, summary, example and the config sections it reads."""
+
+    usage: str  # e.g. "python scripts/train_rear.py config=FILE.yaml [key.sub=value ...]"
+    summary: str
+    example: str
+    sections: Sequence[str] = ()  # dotted prefixes of the config keys it lists, e.g. ("training", "model.generator")
+    flags: Optional[argparse.ArgumentParser] = None  # the script's own --flags
+    config_required: bool = True
+    takes_config: bool = True  # False: the script has flags only
+    default_config: Optional[Callable[[argparse.Namespace], Optional[str]]] = None  # config when none is given
+    notes: List[str] = field(default_factory=list)
+
+
+def flag_parser(description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser for a script's own flags (`--help` and errors are handled by `parse`)."""
+    return argparse.ArgumentParser(description=description, add_help=False, allow_abbrev=False,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+class _FlagError(Exception):
+    pass
+
+
+def _raise_flag_error(message: str) -> None:
+    raise _FlagError(message)
+
+
+def help_text(script: Script) -> str:
+    lines = [f"usage: {script.usage}", "", script.summary.strip(), "", "example:", f"  {script.example}"]
+    if script.flags is not None and script.flags._actions:
+        lines += ["", "flags:"]
+        lines += ["  " + line for line in script.flags.format_help().splitlines()[2:] if line.strip()]
+    if script.sections:
+        rows = [(key, default, text) for key, default, text in schema_fields()
+                if any(key == s or key.startswith(s + ".") for s in script.sections)]
+        width = max(len(f"{key}={default}") for key, default, _ in rows)
+        lines += ["", "main config keys (key=default; any schema key can be set, see README 'Configuration'):"]
+        lines += [f"  {f'{key}={default}':<{width}}  {text}" for key, default, text in rows]
+    lines += ["", "  --debug  show the full traceback of an error (or set REAR_DEBUG=1)", *script.notes]
+    return "\n".join(lines)
+
+
+def parse(argv: Sequence[str], script: Script) -> Tuple[DictConfig, argparse.Namespace]:
+    """(config, flags) from `config=FILE a.b=c ... --flag value ...`; `--help` prints the help and exits."""
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text(script))
+        raise SystemExit(0)
+    argv = [a for a in argv if a != "--debug"]
+    flags = argparse.Namespace()
+    if script.flags is not None:
+        script.flags.error = _raise_flag_error  # one line, not argparse's usage dump and exit
+        try:
+            flags, argv = script.flags.parse_known_args(argv)
+        except _FlagError as err:
+            raise UsageError(f"{err} (see --help)") from None
+    unknown = [a for a in argv if a.startswith("-")]
+    if unknown:
+        raise UsageError(f"unknown flag {unknown[0]} (see --help)")
+    if not script.takes_config:
+        if argv:
+            raise UsageError(f"unexpected argument {argv[0]}: this script takes --flags only (see --help)")
+        return load_config(None), flags
+    path, overrides = split_cli(argv)
+    if path is None and script.default_config is not None:
+        path = script.default_config(flags)
+    if path is None and script.config_required:
+        raise UsageError(f"missing config=FILE.yaml (e.g. {script.example}); see --help")
+    return load_config(path, overrides), flags
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` on one line. An error re-raised from a DataLoader worker carries the worker's traceback
+    in its message: only the original message (its last line) is kept."""
+    message = str(err) or type(err).__name__
+    if "Original Traceback" in message:
+        message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(message.split("\n"))
+
+
+def report(err: UserError) -> int:
+    message = one_line(err)
+    print(f"error: {message}", file=sys.stderr)
+    return err.exit_code
+
+
+def run(script: Script, main: Callable[[DictConfig, argparse.Namespace], object],
+        argv: Optional[Sequence[str]] = None) -> None:
+    """The `__main__` of a script: parse, run, and report a user error in one line (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        config, flags = parse(argv, script)
+        main(config, flags)
+    except UserError as err:
+        if debug_requested(argv):
+            raise
+        raise SystemExit(report(err)) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+__all__ = ["Script", "flag_parser", "help_text", "parse", "report", "run"]
