@@ -67,10 +67,58 @@ class VQModelConfig:
     codebook_size: int = option(1024, "V: number of codebook entries (the generator's vocabulary)")
     token_size: int = option(256, "width of a codebook vector (the alignment target's width)")
     num_latent_tokens: int = option(256, "N: tokens per image")
-    finetune_decoder: bool = option(False, UNUSED + " (the tokenizer is frozen)")
+    finetune_decoder: bool = option(False, "titok: must equal is_legacy (two-stage models); else unused (frozen)")
     pretrained_tokenizer_weight: Optional[str] = option(
         "maskgit-vqgan-imagenet-f16-256.bin", "tokenizer weights (path or released name)"
     )
+    commitment_cost: float = option(0.25, UNUSED + " (a tokenizer-training loss weight; TiTok, VQGAN+)")
+    # --- conv VQGAN architecture (VQGAN+; MaskGIT-VQGAN's own config uses the same names but reads its weights) ---
+    num_channels: int = option(3, "vqgan_plus: image channels")
+    hidden_channels: int = option(128, "vqgan_plus: base channel width")
+    channel_mult: List[int] = option([1, 1, 2, 2, 4], "vqgan_plus: width multiplier per resolution")
+    num_resolutions: int = option(5, "vqgan_plus: resolution levels (= len(channel_mult))")
+    num_res_blocks: int = option(2, "vqgan_plus: residual blocks per level")
+    sample_with_conv: bool = option(False, "vqgan_plus: strided-conv downsampling (released: True) or average pooling")
+    # --- VQGAN+ (markweberdev/maskbit; the reAR release's `vqplus`) ---
+    quantizer_type: str = option("lookup", "vqgan_plus: must be 'lookup' (lookup-free is MaskBit's own tokenizer)")
+    entropy_loss_weight: float = option(0.0, UNUSED + " (VQGAN+ training)")
+    entropy_loss_temperature: float = option(0.01, UNUSED + " (VQGAN+ training)")
+    entropy_gamma: float = option(1.0, UNUSED + " (VQGAN+ training)")
+    # --- TiTok (bytedance/1d-tokenizer) ---
+    vit_enc_model_size: Optional[str] = option(None, "titok: small | base | large (or a vit_model_sizes name)")
+    vit_dec_model_size: Optional[str] = option(None, "titok: small | base | large (or a vit_model_sizes name)")
+    vit_enc_patch_size: int = option(16, "titok: encoder patch size")
+    vit_dec_patch_size: int = option(16, "titok: decoder patch size")
+    use_l2_norm: bool = option(False, "titok: codes on the unit sphere (the released TiTok: True)")
+    quantize_mode: str = option("vq", "titok: vq (vae has no tokens)")
+    is_legacy: bool = option(True, "titok: two-stage (MaskGIT-VQGAN pixel decoder) or single-stage (VQ-8k)")
+    vit_model_sizes: Dict[str, List[int]] = option({}, "titok, not in the original: more sizes, name -> [width, layers, heads]")
+    pixel_decoder_config: Dict[str, Any] = option({}, "titok, not in the original: MaskGIT-VQGAN keys of the pixel decoder")
+    # --- AliTok (ali-vilab/alitok): its YAML gives only codebook_size 4096, token_size 32, num_latent_tokens 273 ---
+    # --- ReTok (zfu006/ReTok): the original's model.init_args (VQ_SB256) ---
+    codebook_embed_dim: int = option(8, "retok: codebook vector width (= token_size)")
+    codebook_l2_norm: bool = option(True, "retok: L2-normalised codebook")
+    codebook_show_usage: bool = option(True, "retok: keeps the codebook_used buffer (a released state-dict entry)")
+    commit_loss_beta: float = option(0.25, UNUSED + " (ReTok training)")
+    entropy_loss_ratio: float = option(0.0, UNUSED + " (ReTok training)")
+    encoder_ch_mult: List[int] = option([1, 1, 2, 2, 4], "retok: encoder CNN width multipliers")
+    decoder_ch_mult: List[int] = option([1, 1, 2, 2, 4], "retok: decoder CNN width multipliers")
+    model_size: Optional[str] = option("small", "retok: ViT size of both halves unless encoder/decoder_size")
+    encoder_size: Optional[str] = option(None, "retok: encoder ViT size")
+    decoder_size: Optional[str] = option(None, "retok: decoder ViT size")
+    z_channels: int = option(256, "retok: latent channels")
+    dropout_p: float = option(0.0, UNUSED + " (the tokenizer is frozen)")
+    multi_level_query_init: bool = option(False, "retok: multi-level query init (released: True)")
+    last_level_2d_query_init: bool = option(False, "retok: deprecated in the original; must be False")
+    multi_level_2d_query_init: bool = option(False, "retok: deprecated in the original; must be False")
+    adaptive_gn: bool = option(False, "retok: adaptive group norm (released: True)")
+    d2s_up: bool = option(False, "retok: depth-to-space upsampling (released: True)")
+    rot: bool = option(False, UNUSED + " (the rotation trick changes only gradients)")
+    use_attn: bool = option(True, "retok: CNN attention (released: False)")
+    fea_rec_loss_type: str = option("cosine", UNUSED + " (ReTok training)")
+    fea_rec_loss_weight: float = option(1.0, UNUSED + " (ReTok training)")
+    distill_depth: Optional[int] = option(None, "retok: depth of the distillation head (a released state-dict part)")
+    out_inner_dim: int = option(768, "retok: width of the distillation head")
 
 
 @dataclass
@@ -107,6 +155,19 @@ class GeneratorConfig:
     decode_align_layer_idx: int = option(15, "block whose output the decode head reads")
     projection_dim: int = option(2048, "hidden width of the alignment heads")
     z_dim: Optional[int] = option(None, "alignment heads' output width (default: model.vq_model.token_size)")
+    guidance_schedule: Optional[str] = option(None, "cosine_power (RAR) | power (AliTok) | step | linear | constant "
+                                              "(GigaTok); default: the backbone's own")
+    # --- alitok_ar (ali-vilab/alitok) ---
+    tok_dropout: float = option(0.1, "alitok_ar: dropout on the input embeddings in training")
+    seed: int = option(42, UNUSED + " (AliTok's sampling seed; here sampling.seed)")
+    # --- gpt1d (SilentView/GigaTok, zfu006/ReTok): sizes are the keys above (hidden_size = dim, ...) ---
+    gpt_model: Optional[str] = option(None, "gpt1d: GPT-B | GPT-L | GPT-XL | ...: checked against the sizes above")
+    token_dropout_p: float = option(0.1, "gpt1d: dropout on the input embeddings in training")
+    drop_path_rate: float = option(0.0, "gpt1d: stochastic depth at the last block (linear from 0)")
+    use_qk_norm: bool = option(False, "gpt1d: per-head LayerNorm on queries and keys")
+    use_adaLN: bool = option(False, "gpt1d: adaLN-Zero class conditioning per block")
+    use_simple_adaLN: bool = option(False, "gpt1d: one adaLN modulation shared by the blocks plus per-block offsets")
+    cfg_interval: int = option(-1, "gpt1d: after this many tokens sample without guidance (-1: never)")
 
 
 @dataclass

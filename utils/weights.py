@@ -7,12 +7,13 @@ missing one says where to get it and how to pass a local copy. Offline, a lookup
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import socket
 import zipfile
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -42,10 +43,33 @@ PUBLISHED: Dict[str, Published] = {
     "maskgit-vqgan-imagenet-f16-256.bin": Published(
         "fun-research/TiTok", "≈0.22 GB (54.5M float32 parameters)", what="MaskGIT-VQGAN tokenizer"
     ),
+    # the other tokenizers (modeling/tokenizers/)
+    "tokenizer_titok_l32.bin": Published("fun-research/TiTok", "size not listed here", what="TiTok-L-32"),
+    "tokenizer_titok_b64.bin": Published("fun-research/TiTok", "size not listed here", what="TiTok-B-64"),
+    "tokenizer_titok_s128.bin": Published("fun-research/TiTok", "size not listed here", what="TiTok-S-128"),
+    "vqgan_plus_12bit.bin": Published("markweber/vqgan_plus_12bit", "≈0.22 GB (55.0M float32 parameters)",
+                                      what="VQGAN+ 12-bit (MaskBit)"),
+    "vqgan_plus_paper.bin": Published("markweber/vqgan_plus_paper", "size not listed here",
+                                      what="VQGAN+ 10-bit, the MaskBit paper's (file name inferred, unverified)"),
+    "AliTok.pth": Published(None, "≈1.56 GB (389.9M float32 parameters)",
+                            "https://drive.google.com/file/d/1Rir4QEJ_HTvZkhcnw9MTfWlSFemcGVIW/view",
+                            what="AliTok tokenizer (Google Drive, linked from github.com/ali-vilab/alitok)"),
+    "VQ_SB256_e250.pt": Published(None, "≥0.93 GB (232.8M float32 values, a training checkpoint)",
+                                  "https://drive.google.com/drive/folders/1Qne5GwCILuJVH_fqQSN2MQFK7YF82UAn",
+                                  what="ReTok VQ_SB256 tokenizer (Google Drive folder, linked from github.com/zfu006/ReTok)"),
+    # the other backbones (modeling/backbones/)
+    **{f"alitok_{size}.bin": Published(None, gb, "https://drive.google.com/drive/folders/1dBjcFfClmBvf2cSlelFMT2gMlS8OQOHG",
+                                       what=f"AliTok-{size.upper()} AR generator (Google Drive folder, ali-vilab/alitok)")
+       for size, gb in (("b", "≈0.71 GB (177.0M float32 parameters)"), ("l", "≈1.27 GB (317.9M float32 parameters)"),
+                        ("xl", "≈2.65 GB (662.1M float32 parameters)"))},
+    "GPT_XL256_e300_VQ_SB.pt": Published(None, "≥3.1 GB (775.0M float32 parameters, a training checkpoint)",
+                                         "https://drive.google.com/drive/folders/1Qne5GwCILuJVH_fqQSN2MQFK7YF82UAn",
+                                         what="ReTok's GPT-XL generator (Google Drive folder, zfu006/ReTok)"),
 }
 GENERATOR_FILENAMES = {"reAR-S": "reAR-S.safetensors", "reAR-B": "reAR-B.safetensors", "reAR-L": "reAR-L.safetensors"}
 TOKENIZER_FILENAME = "maskgit-vqgan-imagenet-f16-256.bin"
 HUB_PROBE_TIMEOUT_S = 3.0
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def where_published(path: str) -> str:
@@ -54,7 +78,7 @@ def where_published(path: str) -> str:
     entry = PUBLISHED.get(name)
     if entry is None:
         return ""
-    source = f"the Hugging Face Hub repo {entry.repo}" if entry.repo else "a download page (not on the Hub)"
+    source = f"the Hugging Face Hub repo {entry.repo}" if entry.repo else "a download page, not on the Hub (download it by hand)"
     return f"; the released file is published on {source}: {entry.url(name)} ({entry.size})"
 
 
@@ -76,7 +100,9 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         return _load_safetensors(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Training checkpoints of some originals also pickle the run's argparse.Namespace (a bag of plain values).
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = _torch_load(path)
     except pickle.UnpicklingError as err:
         # weights_only refuses any pickled object that is not a tensor or a plain container: such a file could run
         # code when loaded, so it is refused here too, whatever it holds.
@@ -94,6 +120,13 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     return dict(state)
 
 
+def _torch_load(path: str):
+    """Memory-mapped where the file allows it (a training checkpoint's optimizer state is then never read)."""
+    with open(path, "rb") as f:
+        zip_format = f.read(4) == b"PK\x03\x04"
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
+
+
 def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -103,6 +136,30 @@ def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"weights file {path} is unreadable (truncated or corrupt?): "
                            f"{str(err).splitlines()[0]}{where_published(path)}") from None
+
+
+def unwrap(state: Dict, keys: Sequence[str], path: str) -> Dict[str, torch.Tensor]:
+    """The state dict inside a training checkpoint: the first of `keys` it holds (e.g. "ema", "model"), else the file
+    itself when it is a plain state dict."""
+    for key in keys:
+        if isinstance(state.get(key), Mapping):
+            return dict(state[key])
+    if all(isinstance(v, torch.Tensor) for v in state.values()):
+        return state
+    raise WeightsError(f"{path} holds none of {list(keys)} and is not a plain state dict (keys: {sorted(state)[:8]})")
+
+
+def is_model_folder(path_or_name: str) -> bool:
+    """A local folder, or a Hub model repo id ("owner/name", no weights-file suffix) that is not a local path:
+    a checkpoint published as config.json + weights rather than as one file."""
+    if os.path.isdir(path_or_name):
+        return True
+    return (
+        not os.path.exists(path_or_name)
+        and path_or_name.count("/") == 1
+        and not path_or_name.startswith((".", "/"))
+        and not path_or_name.endswith(WEIGHT_SUFFIXES)
+    )
 
 
 # ----------------------------------------------------------------------------------------- fitting a model
@@ -180,6 +237,8 @@ def resolve_weights(path_or_name: str, hub_repo: Optional[str] = None, local_opt
 
 __all__ = [
     "GENERATOR_FILENAMES",
+    "is_model_folder",
+    "unwrap",
     "PUBLISHED",
     "Published",
     "TOKENIZER_FILENAME",

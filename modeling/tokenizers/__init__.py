@@ -17,10 +17,17 @@ from torch import Tensor, nn
 
 from utils.config import canonical_choice, register_choice
 from utils.errors import ConfigError, MissingWeightsError
-from utils.weights import load_checked, load_state_dict_file, resolve_weights
+from utils.weights import is_model_folder, load_checked, load_state_dict_file, resolve_weights
 
+from .alitok import AliTok, AliTokConfig
 from .maskgit_vqgan import MaskGITVQGAN
+from .retok import ReTok
+from .retok import config_from_vq_model as retok_config
+from .titok import TiTok
+from .titok import config_from_vq_model as titok_config
 from .toy import PatchKMeansTokenizer
+from .vqgan_plus import RELEASED_CONFIG as VQGAN_PLUS_CONFIG
+from .vqgan_plus import VQGANPlus
 
 TokenizerBuilder = Callable[[object, Optional[str]], nn.Module]
 TOKENIZERS: Dict[str, TokenizerBuilder] = {}
@@ -67,6 +74,41 @@ def build_toy_tokenizer(config, checkpoint: Optional[str]) -> nn.Module:
     return tokenizer
 
 
+@register_tokenizer("titok")
+def build_titok(config, checkpoint: Optional[str]) -> nn.Module:
+    """TiTok as `model.vq_model` describes it (the original YAML's keys), at `dataset.preprocessing.crop_size`."""
+    architecture = titok_config(config.model.vq_model, config.dataset.preprocessing.crop_size)
+    return TiTok.from_pretrained(checkpoint, architecture) if checkpoint else TiTok(architecture)
+
+
+@register_tokenizer("vqgan_plus", "vqplus")
+def build_vqgan_plus(config, checkpoint: Optional[str]) -> nn.Module:
+    """MaskBit's VQGAN+, sized by the `model.vq_model` keys of its YAML (reAR's rear_vqplus.yaml)."""
+    vq = config.model.vq_model
+    if vq.quantizer_type != "lookup":
+        raise ConfigError(f"'model.vq_model.quantizer_type' is '{vq.quantizer_type}': VQGAN+ needs 'lookup' "
+                          "(MaskBit's 'lookup-free' tokenizer is another model)")
+    architecture, size = {key: vq[key] for key in VQGAN_PLUS_CONFIG}, config.dataset.preprocessing.crop_size
+    return VQGANPlus.from_pretrained(checkpoint, architecture, size) if checkpoint else VQGANPlus(architecture, size)
+
+
+@register_tokenizer("alitok")
+def build_alitok(config, checkpoint: Optional[str]) -> nn.Module:
+    """AliTok's released architecture with `model.vq_model.{codebook_size, token_size, num_latent_tokens}` (4096, 32,
+    273 = 17 prefix + 256 in its YAML); the original fixes the rest."""
+    vq = config.model.vq_model
+    architecture = AliTokConfig(codebook_size=vq.codebook_size, token_size=vq.token_size,
+                                num_latent_tokens=vq.num_latent_tokens)
+    return AliTok.from_pretrained(checkpoint, architecture) if checkpoint else AliTok(architecture)
+
+
+@register_tokenizer("retok")
+def build_retok(config, checkpoint: Optional[str]) -> nn.Module:
+    """ReTok, the architecture from the original init_args' keys in `model.vq_model` (VQ_SB256 released)."""
+    architecture = retok_config(config.model.vq_model)
+    return ReTok.from_pretrained(checkpoint, architecture) if checkpoint else ReTok(architecture)
+
+
 def check_pairing(config, tokenizer: nn.Module) -> None:
     """The generator is sized by the config; it must describe this tokenizer (vocabulary, length, alignment width)."""
     vq, g = config.model.vq_model, config.model.generator
@@ -85,14 +127,16 @@ def build_tokenizer(config, fit_images: Optional[Tensor] = None) -> nn.Module:
     `fit_images`), checked against the config.
 
     Weights: `experiment.tokenizer_checkpoint` if set, else `model.vq_model.pretrained_tokenizer_weight`;
-    either is a local path or the name of a published file (fetched from where it is published).
+    either is a local path, the name of a published file (fetched from where it is published), or a folder of
+    config.json + weights (local, or a Hub repo "owner/name"), passed on as is.
     """
     name = canonical_choice(config, "model.vq_model.model_type")
     if name not in TOKENIZERS:
         raise ConfigError(f"'model.vq_model.model_type' is '{name}', not one of {', '.join(sorted(TOKENIZERS))}")
     checkpoint = config.experiment.tokenizer_checkpoint or config.model.vq_model.pretrained_tokenizer_weight
-    path = resolve_weights(checkpoint, local_option="experiment.tokenizer_checkpoint=PATH") if checkpoint else None
-    tokenizer = TOKENIZERS[name](config, path)
+    if checkpoint and not is_model_folder(checkpoint):
+        checkpoint = resolve_weights(checkpoint, local_option="experiment.tokenizer_checkpoint=PATH")
+    tokenizer = TOKENIZERS[name](config, checkpoint)
     if getattr(tokenizer, "needs_fit", False):
         if fit_images is None:
             raise MissingWeightsError(
@@ -104,4 +148,5 @@ def build_tokenizer(config, fit_images: Optional[Tensor] = None) -> nn.Module:
     return tokenizer
 
 
-__all__ = ["TOKENIZERS", "MaskGITVQGAN", "build_tokenizer", "check_pairing", "register_tokenizer"]
+__all__ = ["TOKENIZERS", "AliTok", "MaskGITVQGAN", "ReTok", "TiTok", "VQGANPlus", "build_tokenizer", "check_pairing",
+           "register_tokenizer"]

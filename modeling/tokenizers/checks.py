@@ -19,3 +19,13 @@ def check_tokens(tokens: Tensor, codebook_size: int) -> None:
     if low < 0 or high >= codebook_size:
         bad = low if low < 0 else high
         raise ValueError(f"token {bad} is outside the codebook range [0, {codebook_size})")
+
+
+def check_images(images: Tensor, channels: int, factor: int) -> None:
+    """A clear error unless `images` is a float (B, channels, H, W) batch with H and W multiples of `factor`."""
+    if images.dim() != 4 or images.shape[1] != channels:
+        raise ValueError(f"images must have shape (B, {channels}, H, W), got {tuple(images.shape)}")
+    if images.shape[2] % factor or images.shape[3] % factor:
+        raise ValueError(f"image height and width must be multiples of {factor}, got {tuple(images.shape[2:])}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}")

@@ -18,7 +18,7 @@ from torch import nn
 
 from utils.weights import load_checked, load_state_dict_file, resolve_weights
 
-from .checks import check_tokens
+from .checks import check_images, check_tokens
 
 # The released f16 tokenizer; a mapping with (some of) these keys builds another size.
 RELEASED_CONFIG = {
@@ -35,7 +35,7 @@ RELEASED_CONFIG = {
 }
 
 
-def _resolve_config(config: Optional[Mapping[str, Any]]) -> dict:
+def resolve_config(config: Optional[Mapping[str, Any]]) -> dict:
     """The released config updated by `config`; an unknown key or an inconsistent size is an error."""
     config = dict(config or {})
     unknown = sorted(set(config) - set(RELEASED_CONFIG))
@@ -232,7 +232,7 @@ class MaskGITVQGAN(nn.Module):
 
     def __init__(self, config: Optional[Mapping[str, Any]] = None):
         super().__init__()
-        self.config = _resolve_config(config)
+        self.config = resolve_config(config)
         self.encoder = Encoder(self.config)
         self.decoder = Decoder(self.config)
         self.quantize = VectorQuantizer(self.config["codebook_size"], self.config["token_size"])
@@ -303,10 +303,4 @@ class MaskGITVQGAN(nn.Module):
         return self.decoder(z).clamp(0.0, 1.0)
 
     def _check_images(self, images: torch.Tensor) -> None:
-        channels, f = self.config["num_channels"], self.downsample_factor
-        if images.dim() != 4 or images.shape[1] != channels:
-            raise ValueError(f"images must have shape (B, {channels}, H, W), got {tuple(images.shape)}")
-        if images.shape[2] % f or images.shape[3] % f:
-            raise ValueError(f"image height and width must be multiples of {f}, got {tuple(images.shape[2:])}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}")
+        check_images(images, self.config["num_channels"], self.downsample_factor)
