@@ -33,6 +33,10 @@ def golden_generator(golden):
     return model.eval()
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test that takes more than ~30 s (it still runs by default)")
+
+
 def prefixed(tensors, prefix):
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 

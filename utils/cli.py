@@ -34,6 +34,7 @@ class Script:
     config_required: bool = True
     takes_config: bool = True  # False: the script has flags only
     default_config: Optional[Callable[[argparse.Namespace], Optional[str]]] = None  # config when none is given
+    positional: Optional[str] = None  # one plain argument (a file, no '='), kept as flags.<positional>
     notes: List[str] = field(default_factory=list)
 
 
@@ -83,6 +84,12 @@ def parse(argv: Sequence[str], script: Script) -> Tuple[DictConfig, argparse.Nam
     unknown = [a for a in argv if a.startswith("-")]
     if unknown:
         raise UsageError(f"unknown flag {unknown[0]} (see --help)")
+    if script.positional is not None:
+        plain = [a for a in argv if "=" not in a]
+        if len(plain) != 1:
+            raise UsageError(f"expected one {script.positional.upper()} argument, got {len(plain)} (see --help)")
+        setattr(flags, script.positional, plain[0])
+        argv = [a for a in argv if "=" in a]
     if not script.takes_config:
         if argv:
             raise UsageError(f"unexpected argument {argv[0]}: this script takes --flags only (see --help)")

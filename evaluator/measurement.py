@@ -1,0 +1,114 @@
+"""What the consistency and exposure-bias measurements share: per-position means and their bands, the flags and
+device of the commands, and the report they write (PREFIX.json, PREFIX.png with per-position curves)."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from utils.cli import flag_parser
+from utils.errors import UsageError
+from utils.files import atomic_path, write_json
+
+
+# ----------------------------------------------------------------------------------------- means by position
+def position_bands(per_position: np.ndarray) -> Dict[str, float]:
+    """The means over the first quarter of the positions, the middle half and the last quarter."""
+    quarter = len(per_position) // 4
+    return {
+        "first_quarter": float(per_position[:quarter].mean()),
+        "middle_half": float(per_position[quarter : len(per_position) - quarter].mean()),
+        "last_quarter": float(per_position[len(per_position) - quarter :].mean()),
+    }
+
+
+class PositionMeans:
+    """Means over sequences of per-position values (B, L): summed on the device batch by batch, read once."""
+
+    def __init__(self):
+        self.sums: Dict[str, Tensor] = {}
+        self.count = 0
+
+    def add(self, **values: Tensor) -> None:
+        """One batch: each value is (B, L); every value of a call covers the same B sequences."""
+        for name, value in values.items():
+            total = value.double().sum(dim=0)
+            self.sums[name] = total if name not in self.sums else self.sums[name] + total
+        self.count += len(next(iter(values.values())))
+
+    def summary(self, name: str) -> dict:
+        """{"mean", "first_quarter", "middle_half", "last_quarter", "by_position": [L values]} of one value."""
+        per_position = (self.sums[name] / self.count).cpu().numpy()
+        return {"mean": float(per_position.mean()), **position_bands(per_position),
+                "by_position": per_position.tolist()}
+
+
+# ----------------------------------------------------------------------------------------- the command line
+def measurement_flags():
+    """A flag parser with the flags both measurements take."""
+    flags = flag_parser()
+    flags.add_argument("--limit", type=int, default=None,
+                       help="use this many sequences of each file, evenly spaced (default: all)")
+    flags.add_argument("--batch-size", type=int, default=64, help="sequences per batch")
+    flags.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if any)")
+    flags.add_argument("--output", default=None, help="write OUTPUT.json and OUTPUT.png")
+    return flags
+
+
+def check_counts(flags) -> None:
+    if flags.batch_size < 1:
+        raise UsageError(f"--batch-size is {flags.batch_size} (must be at least 1)")
+    if flags.limit is not None and flags.limit < 1:
+        raise UsageError(f"--limit is {flags.limit} (must be at least 1)")
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """The device named by --device, or CUDA when there is one; a device that is not here is a usage error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    return device
+
+
+# ----------------------------------------------------------------------------------------- the report
+def new_figure(panels: int):
+    """A matplotlib figure of `panels` side-by-side axes (no pyplot: nothing global, no display needed)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.2 * panels, 3.8), layout="constrained")
+    return figure, figure.subplots(1, panels, squeeze=False)[0]
+
+
+def plot_by_position(axes, curves: Dict[str, Sequence[float]], ylabel: str) -> None:
+    """One line per curve over the token positions, with the quarter bands marked."""
+    for label, values in curves.items():
+        axes.plot(np.arange(len(values)), values, label=label, linewidth=1.2)
+    length = len(next(iter(curves.values())))
+    for boundary in (length // 4, length - length // 4):
+        axes.axvline(boundary - 0.5, color="0.8", linewidth=0.8, zorder=0)
+    axes.set_xlabel("token position")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+
+
+def write_report(prefix: str, results: dict, figure) -> None:
+    """PREFIX.json and PREFIX.png, each written atomically; prints where they are."""
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    write_json(prefix + ".json", results)
+    with atomic_path(prefix + ".png") as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    print(f"wrote {prefix}.json and {prefix}.png")
+
+
+__all__ = ["PositionMeans", "check_counts", "measurement_flags", "new_figure", "plot_by_position", "position_bands",
+           "resolve_device", "write_report"]
