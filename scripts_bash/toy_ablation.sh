@@ -11,6 +11,9 @@ usage: $0 [OUT_DIR] [key=value ...]
               tokens, its consistency.{json,png} and exposure.{json,png}; OUT_DIR/table.md the tables
   key=value   config overrides for every step of both runs, e.g. training.max_train_steps=300
               (sampling.num_samples sets the samples measured, default 1000)
+
+  HELD_OUT_IMAGES  (environment) held-out toy images tokenized for the dataset baseline and exposure bias
+                   (default 1000)
 example:
   $0 runs/toy_ablation
 USAGE
@@ -28,7 +31,8 @@ for run in ar_toy rear_toy; do
   python "$repo/scripts/train_rear.py" config="$repo/configs/$run.yaml" experiment.output_dir="$dir" "$@"
   models=(config="$dir/config.yaml" experiment.tokenizer_checkpoint="$dir/tokenizer.safetensors"
           experiment.generator_checkpoint="$dir/generator.safetensors")
-  python "$repo/scripts/tokenize_toy.py" "${models[@]}" "$@" --output "$dir/held_out.jsonl"
+  python "$repo/scripts/tokenize_toy.py" "${models[@]}" "$@" --output "$dir/held_out.jsonl" \
+    --num-images "${HELD_OUT_IMAGES:-1000}"
   python "$repo/scripts/sample_imagenet_rear.py" "${models[@]}" experiment.output_dir="${dir}_samples" \
     sampling.num_samples=1000 "$@"
   python -m evaluator.consistency "${dir}_samples.npz" "${models[@]}" "$@" --reference "$dir/held_out.jsonl" \
