@@ -15,5 +15,5 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["modeling", "modeling.*", "utils", "utils.*", "evaluator", "evaluator.*"]),
     install_requires=requirements,
-    extras_require={"test": ["pytest>=7"], "wandb": ["wandb"]},
+    extras_require={"test": ["pytest>=7", "wandb"], "wandb": ["wandb"], "swanlab": ["swanlab"]},
 )

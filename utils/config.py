@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 
@@ -69,7 +70,7 @@ class VQModelConfig:
     num_latent_tokens: int = option(256, "N: tokens per image")
     finetune_decoder: bool = option(False, "titok: must equal is_legacy (two-stage models); else unused (frozen)")
     pretrained_tokenizer_weight: Optional[str] = option(
-        "maskgit-vqgan-imagenet-f16-256.bin", "tokenizer weights (path or released name)"
+        None, "tokenizer weights (path or released name); default: the tokenizer's released file, if it has one"
     )
     commitment_cost: float = option(0.25, UNUSED + " (a tokenizer-training loss weight; TiTok, VQGAN+)")
     # --- conv VQGAN architecture (VQGAN+; MaskGIT-VQGAN's own config uses the same names but reads its weights) ---
@@ -361,12 +362,33 @@ def validate(config: Any) -> DictConfig:
     return _merge(OmegaConf.structured(ReARConfig), config, "the given config")
 
 
+def _string_keys(cls: type = ReARConfig, prefix: str = "") -> set:
+    """Dotted keys whose values are strings (str, Optional[str] or a Literal of strings)."""
+    keys = set()
+    for name, hint in typing.get_type_hints(cls).items():
+        field_ = next(f for f in fields(cls) if f.name == name)
+        if field_.default_factory is not MISSING and is_dataclass(field_.default_factory):
+            keys |= _string_keys(field_.default_factory, f"{prefix}{name}.")
+        elif str in typing.get_args(hint) or hint is str or typing.get_origin(hint) is Literal:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+_STRING_KEYS = _string_keys()
+_YAML_BOOLEANS = {"yes", "no", "on", "off", "y", "n"}
+
+
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    items = []
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"command-line argument '{item}' is not of the form key.sub=value (or config=FILE.yaml)")
+        key, value = item.split("=", 1)
+        if key in _STRING_KEYS and value.lower() in _YAML_BOOLEANS:  # YAML would read `no` as False
+            item = f"{key}='{value}'"
+        items.append(item)
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        return OmegaConf.from_dotlist(items)
     except OmegaConfBaseException as err:
         raise ConfigError(f"command-line overrides could not be parsed: {str(err).splitlines()[0]}") from None
 

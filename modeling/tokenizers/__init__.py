@@ -31,15 +31,19 @@ from .vqgan_plus import VQGANPlus
 
 TokenizerBuilder = Callable[[object, Optional[str]], nn.Module]
 TOKENIZERS: Dict[str, TokenizerBuilder] = {}
+RELEASED_WEIGHTS: Dict[str, str] = {}  # the weights a tokenizer loads when the config names none
 
 
-def register_tokenizer(name: str, *aliases: str) -> Callable[[TokenizerBuilder], TokenizerBuilder]:
-    """Register `builder` under `name` (and the original configs' other names for it, `aliases`)."""
+def register_tokenizer(name: str, *aliases: str, released: Optional[str] = None) -> Callable[[TokenizerBuilder], TokenizerBuilder]:
+    """Register `builder` under `name` (and the original configs' other names for it, `aliases`); `released` is the
+    published weights file used when the config gives none."""
 
     def register(builder: TokenizerBuilder) -> TokenizerBuilder:
         if name in TOKENIZERS:
             raise ValueError(f"tokenizer '{name}' is already registered")
         TOKENIZERS[name] = builder
+        if released:
+            RELEASED_WEIGHTS[name] = released
         for key in (name, *aliases):
             register_choice("model.vq_model.model_type", key, canonical=name)
         return builder
@@ -47,7 +51,7 @@ def register_tokenizer(name: str, *aliases: str) -> Callable[[TokenizerBuilder],
     return register
 
 
-@register_tokenizer("maskgit_vqgan", "maskgitvq")
+@register_tokenizer("maskgit_vqgan", "maskgitvq", released="maskgit-vqgan-imagenet-f16-256.bin")
 def build_maskgit_vqgan(config, checkpoint: Optional[str]) -> nn.Module:
     """The released f16 architecture (or the one the weights' shapes describe); random weights without a checkpoint."""
     resolution = config.dataset.preprocessing.crop_size
@@ -122,18 +126,23 @@ def check_pairing(config, tokenizer: nn.Module) -> None:
             raise ConfigError(f"'{key}' is {configured} but the '{vq.model_type}' tokenizer has {actual}")
 
 
-def build_tokenizer(config, fit_images: Optional[Tensor] = None) -> nn.Module:
+def build_tokenizer(config, fit_images: Optional[Tensor] = None, random_weights: bool = False) -> nn.Module:
     """The tokenizer named by `config.model.vq_model.model_type`, with its weights loaded (or fitted on
     `fit_images`), checked against the config.
 
-    Weights: `experiment.tokenizer_checkpoint` if set, else `model.vq_model.pretrained_tokenizer_weight`;
-    either is a local path, the name of a published file (fetched from where it is published), or a folder of
-    config.json + weights (local, or a Hub repo "owner/name"), passed on as is.
+    Weights: `experiment.tokenizer_checkpoint` if set, else `model.vq_model.pretrained_tokenizer_weight`, else the
+    tokenizer's released file; each is a local path, the name of a published file (fetched from where it is
+    published), or a folder of config.json + weights (local, or a Hub repo "owner/name"), passed on as is. With no
+    weights at all it is an error, unless `random_weights` (tests and speed measurements only).
     """
     name = canonical_choice(config, "model.vq_model.model_type")
     if name not in TOKENIZERS:
         raise ConfigError(f"'model.vq_model.model_type' is '{name}', not one of {', '.join(sorted(TOKENIZERS))}")
-    checkpoint = config.experiment.tokenizer_checkpoint or config.model.vq_model.pretrained_tokenizer_weight
+    vq = config.model.vq_model
+    checkpoint = config.experiment.tokenizer_checkpoint or vq.pretrained_tokenizer_weight or RELEASED_WEIGHTS.get(name)
+    if checkpoint is None and not random_weights and name != "toy":
+        raise MissingWeightsError(f"no weights for the '{name}' tokenizer: set experiment.tokenizer_checkpoint=PATH "
+                                  "(the released files and where they are published: README, Tokenizers)")
     if checkpoint and not is_model_folder(checkpoint):
         checkpoint = resolve_weights(checkpoint, local_option="experiment.tokenizer_checkpoint=PATH")
     tokenizer = TOKENIZERS[name](config, checkpoint)
