@@ -210,23 +210,6 @@ def test_npz_images_reject_truncated_compressed_data(tmp_path):
 # ------------------------------------------------------------------------------------- Inception features
 
 
-@pytest.fixture(scope="session")
-def random_inception_weights(tmp_path_factory):
-    """A weights file in the released layout with random values: the real file cannot be downloaded here."""
-    directory = tmp_path_factory.mktemp("inception")
-    torch.save({}, directory / "empty.pth")
-    torch.manual_seed(0)
-    # torch-fidelity always loads a state dict; skipping that leaves the module's random initialisation.
-    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"):
-        net = FeatureExtractorInceptionV3("inception", ["2048"],
-                                          feature_extractor_weights_path=str(directory / "empty.pth"))
-    for module in net.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            # He initialisation keeps activations O(1) through the network; the default one shrinks them to ~1e-8.
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = directory / "random-inception.pth"
-    torch.save(net.state_dict(), path)
-    return str(path)
 
 
 def test_inception_features_follow_adm_layout(random_inception_weights):
