@@ -8,6 +8,7 @@ missing one says where to get it and how to pass a local copy. Offline, a lookup
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pickle
 import socket
@@ -189,6 +190,7 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what
 
 
 # ----------------------------------------------------------------------------------------- finding a file
+@functools.lru_cache(maxsize=None)
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     """Whether the Hub answers at all (one TCP connection), so that offline a lookup fails at once instead of
     after the download client's retries."""
