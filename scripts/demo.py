@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a clone, uninstalled
 
 from modeling import build_tokenizer, load_generator  # noqa: E402
-from modeling.sampler import SamplingOptions, sample_images, to_uint8  # noqa: E402
+from modeling.sampler import SamplingOptions, sample_images  # noqa: E402
+from modeling.tokenizers import decoded_to_uint8  # noqa: E402
 from utils.cli import Script, flag_parser, run  # noqa: E402
 from utils.errors import MissingWeightsError, UsageError  # noqa: E402
 from utils.grids import class_caption, labelled_grid, save_png  # noqa: E402
@@ -82,12 +83,12 @@ def main(config, flags) -> None:
         if getattr(flags, key) is not None:
             config.sampling[key] = getattr(flags, key)
     device = torch.device(flags.device)
+    tokenizer = build_tokenizer(config).to(device).eval()  # first: a config that does not describe it fails here
     generator = load_generator(config, generator_path).to(device)
-    tokenizer = build_tokenizer(config).to(device).eval()
     options = SamplingOptions.from_config(config)
     class_ids = torch.tensor(flags.classes, device=device)
     torch.manual_seed(flags.seed)  # as `torch.manual_seed(seed); generator.generate(...)` in a script
-    images = to_uint8(sample_images(generator, tokenizer, class_ids, options))
+    images = decoded_to_uint8(sample_images(generator, tokenizer, class_ids, options), tokenizer)
     save_png(labelled_grid(images, [class_caption(c, num_classes) for c in flags.classes], flags.columns), flags.out)
     print(f"wrote {flags.out}: classes {flags.classes}, seed {flags.seed}, {options}")
 

@@ -121,7 +121,7 @@ def main(config, flags=None) -> dict:
     window_start = (time.time(), step)
 
     def next_batch():
-        return batch_tokens(next(data), tokenizer, device)
+        return batch_tokens(next(data), tokenizer, device, config.model.generator.image_seq_len)
 
     while step < last_step:
         grad_norms_due = (step + 1) % config.experiment.log_grad_norm_every == 0

@@ -96,6 +96,8 @@ class VQModelConfig:
     vit_model_sizes: Dict[str, List[int]] = option({}, "titok, not in the original: more sizes, name -> [width, layers, heads]")
     pixel_decoder_config: Dict[str, Any] = option({}, "titok, not in the original: MaskGIT-VQGAN keys of the pixel decoder")
     # --- AliTok (ali-vilab/alitok): its YAML gives only codebook_size 4096, token_size 32, num_latent_tokens 273 ---
+    architecture: Dict[str, Any] = option({}, "alitok, retok, not in the original: sizes its code fixes (alitok: "
+                                          "AliTokConfig fields; retok: ch, vit_sizes), to build smaller models")
     # --- ReTok (zfu006/ReTok): the original's model.init_args (VQ_SB256) ---
     codebook_embed_dim: int = option(8, "retok: codebook vector width (= token_size)")
     codebook_l2_norm: bool = option(True, "retok: L2-normalised codebook")

@@ -45,9 +45,12 @@ PUBLISHED: Dict[str, Published] = {
         "fun-research/TiTok", "≈0.22 GB (54.5M float32 parameters)", what="MaskGIT-VQGAN tokenizer"
     ),
     # the other tokenizers (modeling/tokenizers/)
-    "tokenizer_titok_l32.bin": Published("fun-research/TiTok", "size not listed here", what="TiTok-L-32"),
-    "tokenizer_titok_b64.bin": Published("fun-research/TiTok", "size not listed here", what="TiTok-B-64"),
-    "tokenizer_titok_s128.bin": Published("fun-research/TiTok", "size not listed here", what="TiTok-S-128"),
+    "tokenizer_titok_l32.bin": Published("fun-research/TiTok", "≈2.56 GB (641.1M float32 parameters)",
+                                         what="TiTok-L-32"),
+    "tokenizer_titok_b64.bin": Published("fun-research/TiTok", "≈0.82 GB (204.8M float32 parameters)",
+                                         what="TiTok-B-64"),
+    "tokenizer_titok_s128.bin": Published("fun-research/TiTok", "≈0.33 GB (83.7M float32 parameters)",
+                                          what="TiTok-S-128"),
     "vqgan_plus_12bit.bin": Published("markweber/vqgan_plus_12bit", "≈0.22 GB (55.0M float32 parameters)",
                                       what="VQGAN+ 12-bit (MaskBit)"),
     "vqgan_plus_paper.bin": Published("markweber/vqgan_plus_paper", "size not listed here",

@@ -466,6 +466,10 @@ class ReTok(nn.Module):
     """The frozen tokenizer: `encode` images to 256 tokens, `decode_tokens` from any prefix of them,
     `get_quantized_states` for reAR's alignment heads."""
 
+    decodes_prefixes = True  # a generator may model only the first k tokens
+    # The original's samplers write clamp(127.5 y + 128, 0, 255) of the [-1, 1] output y as uint8: rounded bytes.
+    pixel_rounding = "nearest"
+
     def __init__(self, config: Optional[Mapping[str, Any]] = None):
         super().__init__()
         self.config = c = resolve_config(config)

@@ -183,7 +183,8 @@ def training_dataset(config, tokenizer) -> TokenDataset | None:
             "no training data: set dataset.params.pretokenization (a JSONL file) or "
             "dataset.params.train_shards_path_or_url (WebDataset shards), or dataset.name=toy"
         )
-    dataset.check(g.condition_num_classes, config.model.vq_model.codebook_size, g.image_seq_len, source)
+    dataset.check(g.condition_num_classes, config.model.vq_model.codebook_size, g.image_seq_len, source,
+                  prefix=getattr(tokenizer, "decodes_prefixes", False))
     return dataset
 
 
