@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from utils.weights import load_checked, load_state_dict_file, resolve_weights, unwrap
 
-from .checks import check_tokens
+from .base import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class VectorQuantizer(nn.Module):
         return distances.argmin(dim=1)
 
 
-class AliTok(nn.Module):
+class AliTok(Tokenizer):
     """The frozen tokenizer: `encode` images to tokens, `decode_tokens` back, `get_quantized_states` for alignment."""
 
     def __init__(self, config: AliTokConfig = AliTokConfig()):
@@ -198,12 +198,7 @@ class AliTok(nn.Module):
         width = config.encoder_width
         self.latent_tokens = nn.Parameter(width**-0.5 * torch.randn(config.num_latent_tokens, width))
         self.quantize = VectorQuantizer(config.codebook_size, config.token_size)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "AliTok":
-        # Frozen: a parent's .train() must not switch it to training mode.
-        return super().train(False)
+        self.freeze()
 
     @classmethod
     def from_pretrained(cls, path: str, config: AliTokConfig = AliTokConfig()) -> "AliTok":
@@ -216,14 +211,6 @@ class AliTok(nn.Module):
         # first, so that a missing file fails before building the model
         state_dict = unwrap(load_state_dict_file(resolve_weights(path)), ("model_state",), path)
         return load_checked(cls(config), state_dict, what=f"AliTok weights {path}")
-
-    @property
-    def codebook_size(self) -> int:
-        return self.config.codebook_size
-
-    @property
-    def token_size(self) -> int:
-        return self.config.token_size
 
     @property
     def num_tokens(self) -> int:
@@ -240,12 +227,6 @@ class AliTok(nn.Module):
         self._check_images(images)
         z = self.encoder(images, self.latent_tokens)
         return self.quantize.nearest_codes(z.reshape(-1, self.token_size)).view(images.shape[0], -1)
-
-    @torch.no_grad()
-    def get_quantized_states(self, tokens: Tensor) -> Tensor:
-        """Tokens (B, N) -> their codebook vectors (B, N, token_size), as stored (AliTok does not normalise them)."""
-        check_tokens(tokens, self.codebook_size)
-        return self.quantize.embedding(tokens)
 
     @torch.no_grad()
     def decode_tokens(self, tokens: Tensor) -> Tensor:

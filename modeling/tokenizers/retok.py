@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from utils.weights import load_checked, load_state_dict_file, resolve_weights, unwrap
 
-from .checks import check_tokens
+from .base import Tokenizer
 
 # The original's ViT size table: name -> (width, layers, heads).
 VIT_SIZES = {
@@ -462,7 +462,7 @@ class VectorQuantizer(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class ReTok(nn.Module):
+class ReTok(Tokenizer):
     """The frozen tokenizer: `encode` images to 256 tokens, `decode_tokens` from any prefix of them,
     `get_quantized_states` for reAR's alignment heads."""
 
@@ -480,12 +480,7 @@ class ReTok(nn.Module):
         self.post_quant_conv = nn.Conv2d(c["codebook_embed_dim"], c["z_channels"], kernel_size=1)
         self.s1to2decoder = QFormerDecoder(c)
         self.decoder = Decoder(c)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "ReTok":
-        # Frozen: a parent's .train() must not switch it to training mode.
-        return super().train(False)
+        self.freeze()
 
     @classmethod
     def from_pretrained(cls, path: str, config: Optional[Mapping[str, Any]] = None) -> "ReTok":
@@ -494,14 +489,6 @@ class ReTok(nn.Module):
         (`.pt`, `.bin`, `.safetensors`). Without `config`, the released architecture."""
         state_dict = load_retok_state_dict(resolve_weights(path))  # first: a missing file fails before building
         return load_checked(cls(config), state_dict, what=f"ReTok weights {path}")
-
-    @property
-    def codebook_size(self) -> int:
-        return self.quantize.embedding.num_embeddings
-
-    @property
-    def token_size(self) -> int:
-        return self.quantize.embedding.embedding_dim
 
     @property
     def num_tokens(self) -> int:
@@ -527,7 +514,11 @@ class ReTok(nn.Module):
     @torch.no_grad()
     def get_quantized_states(self, tokens: Tensor) -> Tensor:
         """Tokens (B, k) -> their L2-normalised codebook vectors (B, k, token_size)."""
-        self._check_tokens(tokens)
+        if tokens.dim() == 2 and not 1 <= tokens.shape[1] <= self.num_tokens:
+            raise ValueError(f"ReTok decodes 1 to {self.num_tokens} tokens per image, got {tokens.shape[1]}")
+        return super().get_quantized_states(tokens)
+
+    def codebook_vectors(self, tokens: Tensor) -> Tensor:
         return self.quantize.codebook()[tokens]
 
     @torch.no_grad()
@@ -549,10 +540,6 @@ class ReTok(nn.Module):
         if not images.is_floating_point():
             raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}")
 
-    def _check_tokens(self, tokens: Tensor) -> None:
-        if tokens.dim() == 2 and not 1 <= tokens.shape[1] <= self.num_tokens:
-            raise ValueError(f"ReTok decodes 1 to {self.num_tokens} tokens per image, got {tokens.shape[1]}")
-        check_tokens(tokens, self.codebook_size)
 
 
 def load_retok_state_dict(path: str) -> dict:

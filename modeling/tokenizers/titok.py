@@ -30,7 +30,7 @@ from utils.weights import is_model_folder, load_checked, load_state_dict_file, r
 
 from .maskgit_vqgan import Decoder as PixelDecoder
 from .maskgit_vqgan import VectorQuantizer as PixelCodebook
-from .checks import check_tokens
+from .base import Tokenizer
 from .maskgit_vqgan import resolve_config as resolve_pixel_decoder_config
 
 
@@ -282,7 +282,7 @@ class TiTokQuantizer(nn.Module):
         return F.normalize(codes, dim=-1) if self.use_l2_norm else codes
 
 
-class TiTok(nn.Module):
+class TiTok(Tokenizer):
     """The frozen tokenizer: `encode` images to N tokens, `decode_tokens` back, `get_quantized_states` for alignment."""
 
     def __init__(self, config: Mapping[str, Any]):
@@ -297,12 +297,7 @@ class TiTok(nn.Module):
             pixel = c["pixel_decoder_config"]
             self.pixel_quantize = PixelCodebook(pixel["codebook_size"], pixel["token_size"])
             self.pixel_decoder = PixelDecoder(pixel)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "TiTok":
-        # Frozen: a parent's .train() must not switch it out of eval mode.
-        return super().train(False)
+        self.freeze()
 
     @classmethod
     def from_pretrained(cls, path_or_name: str, config: Optional[Mapping[str, Any]] = None) -> "TiTok":
@@ -331,14 +326,6 @@ class TiTok(nn.Module):
         return load_checked(cls(config), state_dict, what=f"TiTok weights {weights}")
 
     @property
-    def codebook_size(self) -> int:
-        return self.quantize.embedding.num_embeddings
-
-    @property
-    def token_size(self) -> int:
-        return self.quantize.embedding.embedding_dim
-
-    @property
     def num_tokens(self) -> int:
         return self.config["num_latent_tokens"]
 
@@ -353,10 +340,8 @@ class TiTok(nn.Module):
         z = self.encoder(images, self.latent_tokens)
         return self.quantize.nearest_codes(z.reshape(-1, z.shape[-1])).reshape(images.shape[0], -1)
 
-    @torch.no_grad()
-    def get_quantized_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N) -> their codebook vectors (B, N, token_size), L2-normalised when `use_l2_norm`."""
-        check_tokens(tokens, self.codebook_size)
+    def codebook_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised when `use_l2_norm`, as the original's look-up."""
         return self.quantize.codes(tokens)
 
     @torch.no_grad()
