@@ -3,8 +3,9 @@
 The loop (`generate`) is the readable sampler every backbone shares; what differs between the originals' samplers is
 the backbone's (its guidance schedule, which scales guide at all, the scale of each token, its extra random draws
 before the first step: `modeling.generator.Generator`), so one loop draws each original's tokens for a fixed seed.
-A backbone module registers its original's schedules with `register_guidance_schedule`. `generate_tokens` is the one call site of sampling for scripts: it picks
-the fast sampler (`modeling/fast_sampler.py`: static cache, CUDA graph) where a backbone has one, else this loop.
+A backbone module registers its original's schedules with `register_guidance_schedule`. `generate_tokens` is the
+one call site of sampling for scripts: it picks the fast sampler (`modeling/fast_sampler.py`: static cache, CUDA
+graph) where it serves the backbone and the settings (`why_not_fast`), else this loop.
 """
 
 from __future__ import annotations

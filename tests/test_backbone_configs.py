@@ -153,3 +153,29 @@ def test_demo_takes_any_backbone_config(alitok_weights, tiny_tokenizers, tmp_pat
         demo.run(demo.SCRIPT, demo.main, [f"config={ROOT / 'configs' / 'rear_b_alitok.yaml'}", "--out", str(out)])
     assert exit_code.value.code == 2
     assert "alitok_ar generator has no weights named: pass --generator PATH" in capsys.readouterr().err
+
+
+def test_benchmark_counts_any_backbone_and_says_it_has_no_fast_sampler(tiny_tokenizers, tmp_path, capsys):
+    benchmark = load_script("benchmark")
+    base = tiny_overrides("ar_b_alitok", tiny_tokenizers, tmp_path)
+    with torch.device("meta"):
+        model = AliTokAR(config_from_cli(base))
+    d, layers, ffn, v, n = 32, 2, 256, 64, 19
+    length = n + 1  # [class, tok_0..tok_{N-1}]
+    block = 3 * d * d + d * d + 3 * d * ffn  # qkv, proj, SwiGLU's w1, w3, w2
+    attention = 2 * d * length * (length + 1) // 2  # QK^T and AV, position i sees i + 1 keys
+    macs = layers * (block * length + attention) + d * v * n  # the output layer on the N predicting positions
+    assert benchmark.forward_flops_per_sample(model) == 2 * macs == 2_425_344
+    out = tmp_path / "bench.json"
+    with one_thread():
+        benchmark.run(benchmark.SCRIPT, benchmark.main, [*base, "--device", "cpu", "--batch-size", "2", "--steps",
+                                                         "1", "--repeats", "1", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["meta"]["backbone"] == "alitok_ar" and result["model"]["parameters"] == model.num_parameters()
+    assert result["model"]["forward_flops_per_token"] == 2 * macs / n
+    assert list(result["training"]) == ["original", "ours", "dense_fp32"]
+    sampling = result["sampling"]
+    assert list(sampling["variants"]) == ["plain", "kv_cache"]
+    assert "fast sampler serves the rar backbone only" in sampling["fast_sampler"]
+    assert sampling["end_to_end"]["skipped"] == "the MaskGIT-VQGAN stand-in decodes a square grid of tokens, not 19"
+    assert "(no fast sampler: the fast sampler serves the rar backbone only" in capsys.readouterr().out

@@ -135,7 +135,8 @@ def test_retok_readme_settings_from_the_config_draw_the_original_tokens():
     options = SamplingOptions.from_config(config)
     assert "rar backbone only" in why_not_fast(model, options)
     torch.manual_seed(s["seed"])
-    assert torch.equal(generate_tokens(model, TENSORS["plain.input.class_ids"], options), expected("plain", "generate_1"))
+    tokens = generate_tokens(model, TENSORS["plain.input.class_ids"], options)
+    assert torch.equal(tokens, expected("plain", "generate_1"))
 
 
 # ------------------------------------------------------------------------------------------- training step
@@ -252,7 +253,8 @@ def test_released_training_checkpoints_load(tmp_path, wrapping):
     loaded = load_generator(project_config(META["variants"]["plain"]["model_args"]), str(tmp_path / "GPT_tiny.pt"))
     assert isinstance(loaded, GPT1D) and not loaded.training
     with torch.no_grad():
-        close(loaded(TENSORS["plain.input.tokens"], TENSORS["plain.input.class_ids"]).logits, expected("plain", "logits"))
+        logits = loaded(TENSORS["plain.input.tokens"], TENSORS["plain.input.class_ids"]).logits
+    close(logits, expected("plain", "logits"))
 
 
 def test_strict_loading_and_where_the_released_file_is(tmp_path):
@@ -263,7 +265,7 @@ def test_strict_loading_and_where_the_released_file_is(tmp_path):
     state["output.weight"] = torch.zeros(33, 32)
     state["layers.0.attention.wqkv.bias"] = torch.zeros(96)
     torch.save({"model": state}, tmp_path / "bad.pt")
-    with pytest.raises(WeightsError, match=r"unexpected key: layers.0.attention.wqkv.bias.*shape mismatch: output.weight"):
+    with pytest.raises(WeightsError, match=r"unexpected key: layers.0.attention.wqkv.bias.*shape mismatch: output"):
         GPT1D.from_pretrained(config, str(tmp_path / "bad.pt"))
     with pytest.raises(MissingWeightsError, match=r"GPT_XL256_e300_VQ_SB.pt.*drive.google.com.*3.1 GB"):
         load_generator(config, "GPT_XL256_e300_VQ_SB.pt")

@@ -4,7 +4,8 @@ Every run's configuration is the schema's defaults, then a YAML file, then CLI o
 The schema is what makes a mistake an error before any work starts: an unknown key, a value of the wrong type or
 outside its fixed set of choices (`Literal[...]` below), or an inconsistent pair of values fails with the key's
 dotted name. Keys whose choices live in a registry (`model.vq_model.model_type`, `model.generator.backbone`,
-`model.generator.guidance_schedule`) are checked against the names the registries under `modeling/` declare with `register_choice`.
+`model.generator.guidance_schedule`) are checked against the names the registries under `modeling/` declare with
+`register_choice`.
 
 The original reAR / RAR YAML files load unchanged and mean what they meant: every key they use is here, and a key
 they leave out defaults to what the original code did without it (e.g. no noisy context, no alignment). Keys the

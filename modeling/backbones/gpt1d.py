@@ -215,8 +215,8 @@ def check_sizes(g) -> None:
         if given != GPT_SIZES[g.gpt_model]:
             layers, heads, dim = GPT_SIZES[g.gpt_model]
             raise ConfigError(
-                f"'model.generator.gpt_model' {g.gpt_model} is num_hidden_layers={layers}, num_attention_heads={heads}, "
-                f"hidden_size={dim}; the config has {given[0]}, {given[1]}, {given[2]}"
+                f"'model.generator.gpt_model' {g.gpt_model} is num_hidden_layers={layers}, "
+                f"num_attention_heads={heads}, hidden_size={dim}; the config has {given[0]}, {given[1]}, {given[2]}"
             )
     if g.use_adaLN and g.use_simple_adaLN:
         raise ConfigError("'model.generator.use_adaLN' and 'use_simple_adaLN' exclude each other")

@@ -1,6 +1,6 @@
 """The layers LlamaGen's GPT (FoundationVision/LlamaGen `autoregressive/models/gpt.py`) and the backbones derived from
-it share: RMSNorm, the SwiGLU feed-forward with LlamaGen's rule for its width, and LlamaGen's initialisation. AliTok's AR (`alitok_ar.py`) and
-GigaTok's GPT-1D (`gpt1d.py`) use them under their own originals' module names."""
+it share: RMSNorm, the SwiGLU feed-forward with LlamaGen's rule for its width, and LlamaGen's initialisation.
+AliTok's AR (`alitok_ar.py`) and GigaTok's GPT-1D (`gpt1d.py`) use them under their own originals' module names."""
 
 from __future__ import annotations
 
