@@ -14,7 +14,9 @@ written once against this small interface:
 What the originals' samplers do differently is data or a small override here: `guidance_schedule` (a name in
 `modeling.sampler.GUIDANCE_SCHEDULES`), `uses_guidance` (which scales run the null-class rows), `guidance_scale_at`
 (the scale of token t, or None for the conditional logits alone) and `start_sampling` (random draws the original
-makes before its first step).
+makes before its first step). Shared helpers: `through_blocks` (the blocks of `transformer_blocks`, with activation
+checkpointing and the hidden states the heads read) and `load_weights_file` (a released file, unwrapped by
+`checkpoint_keys`, loaded strictly).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from utils.config import register_choice
 
-MIN_TEMPERATURE = 1e-5  # GigaTok's floor; every temperature the config accepts above it is used as given
+MIN_TEMPERATURE = 1e-5  # GigaTok's floor (a lower positive temperature divides by it); RAR and AliTok have none
 
 
 # ----------------------------------------------------------------------------------------- guidance schedules
@@ -189,8 +189,8 @@ class SamplingOptions:
 
     def settings(self) -> dict:
         """What the sampled tokens depend on, as plain values (for the record a sampling folder keeps)."""
-        return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in ((key, getattr(self, key)) for key in self.__dataclass_fields__)}
+        return {key: list(value) if isinstance(value := getattr(self, key), tuple) else value
+                for key in self.__dataclass_fields__}
 
 
 def effective_precision(precision: str, device: torch.device) -> str:
