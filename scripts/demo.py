@@ -1,10 +1,13 @@
-"""Generate a labelled grid of ImageNet classes with a released reAR generator.
+"""Generate a labelled grid of ImageNet classes with a released reAR generator, or with any config's generator.
 
     python scripts/demo.py --model reAR-S --classes 1 7 282 --out grid.png
+    python scripts/demo.py config=configs/ar_b_alitok.yaml --generator alitok_b.bin --tokenizer AliTok.pth
 
 Fetches the generator (Hugging Face Hub qyoo/reAR) and the MaskGIT-VQGAN tokenizer (fun-research/TiTok), or
-reads local copies given with --generator PATH --tokenizer PATH. Guidance, temperature and top-k / top-p default
-to the model's released settings; `config=FILE` and `key.sub=value` overrides work as in every script.
+reads local copies given with --generator PATH --tokenizer PATH. With `config=FILE` (any backbone) the weights are
+--generator / --tokenizer, else the config's experiment.generator_checkpoint / tokenizer weights. Guidance,
+temperature and top-k / top-p default to the model's released settings; `key.sub=value` overrides work as in every
+script.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ FLAGS.add_argument("--device", default="cuda" if torch.cuda.is_available() else 
 SCRIPT = Script(
     usage="python scripts/demo.py [config=FILE.yaml] [key.sub=value ...] [--model reAR-S] [--classes ...] "
           "[--out grid.png] [--generator PATH --tokenizer PATH]",
-    summary="A labelled grid of ImageNet classes from a released reAR generator (weights from the Hub, or local).",
+    summary="A labelled grid of ImageNet classes from a released reAR generator (weights from the Hub, or local), "
+            "or from the generator of any config= (any backbone).",
     example="python scripts/demo.py --model reAR-S --classes 1 7 282 --out grid.png",
     sections=("sampling.guidance_scale", "sampling.guidance_scale_pow", "sampling.temperature", "sampling.top_k",
               "sampling.top_p", "sampling.precision"),
@@ -74,8 +78,14 @@ def main(config, flags) -> None:
     bad = [c for c in flags.classes if not 0 <= c < num_classes]
     if bad:
         raise UsageError(f"--classes: {bad[0]} is not a class id of this model (0..{num_classes - 1})")
+    generator = flags.generator or config.experiment.generator_checkpoint
+    if generator is None:  # --model names reAR's released files: the rar backbone's
+        if config.model.generator.backbone != "rar":
+            raise UsageError(f"this config's {config.model.generator.backbone} generator has no weights named: pass "
+                             "--generator PATH (or experiment.generator_checkpoint=PATH)")
+        generator = GENERATOR_FILENAMES[flags.model]
     generator_path, tokenizer_path = fetch_weights(
-        flags.generator or config.experiment.generator_checkpoint or GENERATOR_FILENAMES[flags.model],
+        generator,
         flags.tokenizer or config.experiment.tokenizer_checkpoint or config.model.vq_model.pretrained_tokenizer_weight,
     )
     config.experiment.tokenizer_checkpoint = tokenizer_path

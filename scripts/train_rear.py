@@ -52,7 +52,6 @@ from utils.training.resume import (  # noqa: E402
     write_training_state,
 )
 from utils.training.step import batch_tokens, make_accelerator, train_step  # noqa: E402
-from utils.weights import load_checked, load_state_dict_file, resolve_weights  # noqa: E402
 
 SCRIPT = Script(
     usage="python scripts/train_rear.py config=FILE.yaml [key.sub=value ...]   (or under accelerate launch / torchrun)",
@@ -76,9 +75,10 @@ def main(config, flags=None) -> dict:
     toy = config.dataset.name == "toy"
     tokenizer = build_tokenizer(config, fit_images=tokenizer_fit_images(config) if toy else None).to(device)
     generator = build_generator(config).to(device)
-    if config.experiment.init_weight:
+    if config.experiment.init_weight:  # e.g. a released backbone (AliTok-B) to train reAR's heads on top of
         init = config.experiment.init_weight
-        load_checked(generator, load_state_dict_file(resolve_weights(init)), f"experiment.init_weight {init}")
+        generator.load_weights_file(init, f"experiment.init_weight {init}", "experiment.init_weight=PATH",
+                                    new_heads=True)
     with accelerator.main_process_first():  # the main process converts a JSONL file once; the others reuse it
         dataset = training_dataset(config, tokenizer)
     if list_checkpoints(out) and not config.experiment.resume:

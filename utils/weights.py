@@ -62,10 +62,12 @@ PUBLISHED: Dict[str, Published] = {
                                   "https://drive.google.com/drive/folders/1Qne5GwCILuJVH_fqQSN2MQFK7YF82UAn",
                                   what="ReTok VQ_SB256 tokenizer (Google Drive folder, linked from github.com/zfu006/ReTok)"),
     # the other backbones (modeling/backbones/)
-    **{f"alitok_{size}.bin": Published(None, gb, "https://drive.google.com/drive/folders/1dBjcFfClmBvf2cSlelFMT2gMlS8OQOHG",
-                                       what=f"AliTok-{size.upper()} AR generator (Google Drive folder, ali-vilab/alitok)")
-       for size, gb in (("b", "≈0.71 GB (177.0M float32 parameters)"), ("l", "≈1.27 GB (317.9M float32 parameters)"),
-                        ("xl", "≈2.65 GB (662.1M float32 parameters)"))},
+    **{f"alitok_{size}.bin": Published(None, gb, f"https://drive.google.com/file/d/{drive_id}/view",
+                                       what=f"AliTok-{size.upper()} AR generator (Google Drive, linked from "
+                                            "github.com/ali-vilab/alitok)")
+       for size, gb, drive_id in (("b", "≈0.71 GB (177.0M float32 parameters)", "1PNVX9wqePxRjuOKpt4iw6CpIYLlyJWlX"),
+                                  ("l", "≈1.27 GB (317.9M float32 parameters)", "1tmwAa724pNY4FgUsLne2VJVGoK_TBuMa"),
+                                  ("xl", "≈2.65 GB (662.1M float32 parameters)", "1Vu0UsQfqzZ8HMKFqE2tIGdAcJ6zPXvFd"))},
     "GPT_XL256_e300_VQ_SB.pt": Published(None, "≥3.1 GB (775.0M float32 parameters, a training checkpoint)",
                                          "https://drive.google.com/drive/folders/1Qne5GwCILuJVH_fqQSN2MQFK7YF82UAn",
                                          what="ReTok's GPT-XL generator (Google Drive folder, zfu006/ReTok)"),
