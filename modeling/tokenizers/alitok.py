@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from utils.weights import load_checked, load_state_dict_file, resolve_weights, unwrap
 
-from .base import Tokenizer
+from .base import SequenceTokenizer
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class VectorQuantizer(nn.Module):
         return distances.argmin(dim=1)
 
 
-class AliTok(Tokenizer):
+class AliTok(SequenceTokenizer):
     """The frozen tokenizer: `encode` images to tokens, `decode_tokens` back, `get_quantized_states` for alignment."""
 
     def __init__(self, config: AliTokConfig = AliTokConfig()):
@@ -224,7 +224,7 @@ class AliTok(Tokenizer):
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         """Images (B, 3, image_size, image_size) in [0, 1] (fed as they are, no normalisation) -> tokens (B, N)."""
-        self._check_images(images)
+        self.check_images(images)
         z = self.encoder(images, self.latent_tokens)
         return self.quantize.nearest_codes(z.reshape(-1, self.token_size)).view(images.shape[0], -1)
 
@@ -237,10 +237,3 @@ class AliTok(Tokenizer):
                 f"prefix + {self.config.grid_size**2}), got {tokens.shape[1]}"
             )
         return self.decoder(self.get_quantized_states(tokens)).clamp(0.0, 1.0)
-
-    def _check_images(self, images: Tensor) -> None:
-        expected = (3, self.image_size, self.image_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}")

@@ -4,11 +4,34 @@ convolutional tokenizers' (MaskGIT-VQGAN, VQGAN+) encode / decode over a square 
 from __future__ import annotations
 
 import math
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .checks import check_images, check_tokens
+
+
+def conv_vqgan_sizes(state_dict: Mapping[str, Tensor], blocks: str) -> Optional[dict]:
+    """The sizes a convolutional VQGAN's state dict records (its residual blocks under `encoder.down.<i>.<blocks>.`),
+    or None if it is not one (loading then lists the misfits)."""
+    names = ("encoder.conv_in.weight", f"encoder.down.0.{blocks}.0.conv1.weight", "quantize.embedding.weight")
+    if not all(name in state_dict for name in names):
+        return None
+    hidden, num_channels = state_dict["encoder.conv_in.weight"].shape[:2]
+    levels = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down."))
+    per_level = 1 + max(int(k.split(".")[4]) for k in state_dict if k.startswith(f"encoder.down.0.{blocks}."))
+    codebook_size, token_size = state_dict["quantize.embedding.weight"].shape
+    return {
+        "channel_mult": [state_dict[f"encoder.down.{i}.{blocks}.0.conv1.weight"].shape[0] // hidden
+                         for i in range(levels)],
+        "num_resolutions": levels,
+        "hidden_channels": hidden,
+        "num_channels": num_channels,
+        "num_res_blocks": per_level,
+        "codebook_size": codebook_size,
+        "token_size": token_size,
+    }
 
 
 class Tokenizer(nn.Module):
@@ -46,6 +69,27 @@ class Tokenizer(nn.Module):
         return self.codebook_vectors(tokens)
 
 
+class SequenceTokenizer(Tokenizer):
+    """A ViT tokenizer of fixed-size images into a 1D sequence (TiTok, AliTok, ReTok): its config holds
+    `num_latent_tokens` and `image_size`."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config["num_latent_tokens"]
+
+    @property
+    def image_size(self) -> int:
+        return self.config["image_size"]
+
+    def check_images(self, images: Tensor) -> None:
+        """A clear error unless `images` is a float (B, 3, image_size, image_size) batch."""
+        expected = (3, self.image_size, self.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}")
+
+
 class ConvTokenizer(Tokenizer):
     """A convolutional VQGAN: `encoder` maps (B, 3, H, W) to a (B, C, H/f, W/f) grid whose vectors are looked up in
     the codebook row-major; `decoder` maps the grid of codebook vectors back to pixels."""
@@ -80,4 +124,4 @@ class ConvTokenizer(Tokenizer):
         return self.decoder(z).clamp(0.0, 1.0)
 
 
-__all__ = ["ConvTokenizer", "Tokenizer"]
+__all__ = ["ConvTokenizer", "SequenceTokenizer", "Tokenizer"]

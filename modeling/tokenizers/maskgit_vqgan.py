@@ -18,7 +18,7 @@ from torch import nn
 
 from utils.weights import load_checked, load_state_dict_file, resolve_weights
 
-from .base import ConvTokenizer
+from .base import ConvTokenizer, conv_vqgan_sizes
 
 # The released f16 tokenizer; a mapping with (some of) these keys builds another size.
 RELEASED_CONFIG = {
@@ -207,24 +207,8 @@ class VectorQuantizer(nn.Module):
 def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Optional[dict]:
     """The architecture a MaskGIT-VQGAN state dict was saved from (RELEASED_CONFIG's keys but `resolution` and
     `dropout`, which the weights do not record), or None if it is not one (loading then lists the misfits)."""
-    names = ("encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "quantize.embedding.weight")
-    if not all(name in state_dict for name in names):
-        return None
-    hidden, num_channels = state_dict["encoder.conv_in.weight"].shape[:2]
-    levels = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down."))
-    blocks = 1 + max(int(k.split(".")[4]) for k in state_dict if k.startswith("encoder.down.0.block."))
-    mult = [state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // hidden for i in range(levels)]
-    codebook_size, token_size = state_dict["quantize.embedding.weight"].shape
-    return {
-        "channel_mult": mult,
-        "num_resolutions": levels,
-        "hidden_channels": hidden,
-        "num_channels": num_channels,
-        "num_res_blocks": blocks,
-        "z_channels": token_size,
-        "codebook_size": codebook_size,
-        "token_size": token_size,
-    }
+    sizes = conv_vqgan_sizes(state_dict, "block")
+    return None if sizes is None else {**sizes, "z_channels": sizes["token_size"]}
 
 
 class MaskGITVQGAN(ConvTokenizer):

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from utils.weights import load_checked, load_state_dict_file, resolve_weights, unwrap
 
-from .base import Tokenizer
+from .base import SequenceTokenizer
 
 # The original's ViT size table: name -> (width, layers, heads).
 VIT_SIZES = {
@@ -462,7 +462,7 @@ class VectorQuantizer(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class ReTok(Tokenizer):
+class ReTok(SequenceTokenizer):
     """The frozen tokenizer: `encode` images to 256 tokens, `decode_tokens` from any prefix of them,
     `get_quantized_states` for reAR's alignment heads."""
 
@@ -490,18 +490,10 @@ class ReTok(Tokenizer):
         state_dict = load_retok_state_dict(resolve_weights(path))  # first: a missing file fails before building
         return load_checked(cls(config), state_dict, what=f"ReTok weights {path}")
 
-    @property
-    def num_tokens(self) -> int:
-        return self.config["num_latent_tokens"]
-
-    @property
-    def image_size(self) -> int:
-        return self.config["image_size"]
-
     @torch.no_grad()
     def encode_features(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] -> the features that are quantized (B, num_tokens, token_size)."""
-        self._check_images(images)
+        self.check_images(images)
         latents = self.s2to1encoder(self.encoder((images - 0.5) / 0.5))  # the original's Normalize(0.5, 0.5)
         return self.quant_conv(latents).flatten(2).transpose(1, 2)
 
@@ -532,15 +524,6 @@ class ReTok(Tokenizer):
     def decode_tokens(self, tokens: Tensor) -> Tensor:
         """The first k tokens (B, k), 1 <= k <= num_tokens -> images (B, 3, H, W) clamped to [0, 1]."""
         return ((self.decode_raw(tokens) + 1.0) / 2.0).clamp(0.0, 1.0)
-
-    def _check_images(self, images: Tensor) -> None:
-        expected = (3, self.image_size, self.image_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}")
-
-
 
 def load_retok_state_dict(path: str) -> dict:
     """The state dict in a ReTok weights file. The released `.pt` is a training checkpoint

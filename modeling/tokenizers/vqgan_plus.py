@@ -19,7 +19,7 @@ from torch import nn
 
 from utils.weights import load_checked, load_state_dict_file, resolve_weights
 
-from .base import ConvTokenizer
+from .base import ConvTokenizer, conv_vqgan_sizes
 from .maskgit_vqgan import Conv2dSame, VectorQuantizer, group_norm, res_blocks
 
 # The 12-bit release (MaskBit's configs/tokenizer/vqgan_plus_12bit.yaml, reAR's configs/rear_vqplus.yaml); the
@@ -164,24 +164,10 @@ class Codebook(VectorQuantizer):
 def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Optional[dict]:
     """The architecture (RELEASED_CONFIG's keys) a VQGAN+ state dict was saved from, or None if it is not one
     (loading then lists the misfits)."""
-    names = ("encoder.conv_in.weight", "encoder.down.0.res_blocks.0.conv1.weight", "quantize.embedding.weight")
-    if not all(name in state_dict for name in names):
+    sizes = conv_vqgan_sizes(state_dict, "res_blocks")
+    if sizes is None:
         return None
-    hidden, num_channels = state_dict["encoder.conv_in.weight"].shape[:2]
-    levels = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down."))
-    blocks = 1 + max(int(k.split(".")[4]) for k in state_dict if k.startswith("encoder.down.0.res_blocks."))
-    mult = [state_dict[f"encoder.down.{i}.res_blocks.0.conv1.weight"].shape[0] // hidden for i in range(levels)]
-    codebook_size, token_size = state_dict["quantize.embedding.weight"].shape
-    return {
-        "codebook_size": codebook_size,
-        "token_size": token_size,
-        "num_channels": num_channels,
-        "hidden_channels": hidden,
-        "channel_mult": mult,
-        "num_resolutions": levels,
-        "num_res_blocks": blocks,
-        "sample_with_conv": levels > 1 and "encoder.down.0.down_conv.weight" in state_dict,
-    }
+    return {**sizes, "sample_with_conv": sizes["num_resolutions"] > 1 and "encoder.down.0.down_conv.weight" in state_dict}
 
 
 class VQGANPlus(ConvTokenizer):
