@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from evaluator.metrics import compute_statistics
+from utils.errors import WeightsError
 
 ACTIVATIONS = ("pool", "spatial", "softmax")
 
@@ -49,7 +50,7 @@ def compute_activations(images, features, batch_size):
     activations = {name: np.concatenate([part[name] for part in parts]) for name in ACTIVATIONS}
     for name, values in activations.items():
         if not np.isfinite(values).all():
-            raise ValueError(f"{images.path}: the Inception {name} features are not finite (NaN or inf); "
+            raise WeightsError(f"{images.path}: the Inception {name} features are not finite (NaN or inf); "
                              f"check the Inception weights file")
     return activations
 

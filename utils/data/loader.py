@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader
 
-from utils.data.images import load_rgb, training_transform
+from utils.data.images import decode_problem, load_rgb, training_transform
 from utils.data.pretokenized import TokenDataset, open_pretokenized
 from utils.data.toy import toy_images
 from utils.errors import DataError
@@ -88,16 +88,15 @@ def toy_token_dataset(config, tokenizer) -> TokenDataset:
     return TokenDataset(tokens.numpy().astype("uint16"), labels.numpy().astype("int32"))
 
 
-def expand_shards(pattern: str) -> List[str]:
-    """The shard list of a brace pattern; local shards must exist."""
+def expand_shards(pattern: str, source: str = "dataset.params.train_shards_path_or_url") -> List[str]:
+    """The shard list of a brace pattern; local shards must exist (`source`: where the pattern was given)."""
     import braceexpand
 
     urls = [u for part in pattern.split("::") for u in braceexpand.braceexpand(part)]
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
     if missing:
         raise DataError(
-            f"{len(missing)} of {len(urls)} training shards not found, e.g. {missing[0]} "
-            "(dataset.params.train_shards_path_or_url)"
+            f"{len(missing)} of {len(urls)} training shards not found, e.g. {missing[0]} ({source})"
         )
     return urls
 
@@ -121,7 +120,7 @@ class DecodeSample:
                 raise DataError(f"no image or no 'cls' (keys: {sorted(k for k in sample if not k.startswith('__'))})")
             return self.transform(load_rgb(sample[image_key])), class_label(sample["cls"])
         except Exception as err:  # a corrupt or truncated member: every decoder error counts
-            warnings.warn(f"skipping {where}: {type(err).__name__}: {err}", stacklevel=1)
+            warnings.warn(f"skipping {where}: {decode_problem(err)}", stacklevel=1)
             return None
 
 
