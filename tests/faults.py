@@ -11,6 +11,9 @@ A fault is a dict:
             torn     the call, then the file it wrote cut to half its size, then SIGKILL (a kill mid-write)
             partial  half the files of the folder it was given deleted, then SIGKILL (a kill mid-rmtree)
             enospc   the call, the file cut to half, then OSError(ENOSPC) raised (a disk that fills mid-write)
+            bug      RuntimeError raised instead of the call (a bug of ours)
+or {"fsize_limit": bytes}: a real limit on the size of any file the process writes (writes past it fail with
+EFBIG, "File too large", as on a full disk).
 """
 
 from __future__ import annotations
@@ -19,12 +22,17 @@ import errno
 import importlib
 import os
 import re
+import resource
 import signal
 from typing import Callable, Dict, Sequence
 
 
 def install(faults: Sequence[Dict]) -> None:
     for fault in faults:
+        if "fsize_limit" in fault:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fault["fsize_limit"], resource.RLIM_INFINITY))
+            continue
         module_name, attribute = fault["target"].split(":")
         owner = importlib.import_module(module_name)
         *path, name = attribute.split(".")
@@ -98,8 +106,12 @@ def _enospc(original, args, kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
 
+def _bug(original, args, kwargs):
+    raise RuntimeError("injected bug")
+
+
 def _cut_to_half(path: str) -> None:
     os.truncate(path, os.path.getsize(path) // 2)
 
 
-ACTIONS = {"before": _before, "after": _after, "torn": _torn, "partial": _partial, "enospc": _enospc}
+ACTIONS = {"before": _before, "after": _after, "torn": _torn, "partial": _partial, "enospc": _enospc, "bug": _bug}

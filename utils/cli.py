@@ -148,17 +148,20 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {message}\n"
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning in one line, written past any progress bar (which would otherwise share its line)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=file or sys.stderr)
 
 
 def run(script: Script, main: Callable[[DictConfig, argparse.Namespace], object],
         argv: Optional[Sequence[str]] = None) -> None:
     """The `__main__` of a script: parse, run, and report a user error in one line (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    formatwarning = warnings.formatwarning
+    showwarning = warnings.showwarning
     if not debug_requested(argv):
-        warnings.formatwarning = _one_line_warning  # a warning is one line too; --debug shows where it came from
+        warnings.showwarning = _show_warning  # a warning is one line too; --debug shows where it came from
     try:
         config, flags = parse(argv, script)
         main(config, flags)
@@ -173,8 +176,11 @@ def run(script: Script, main: Callable[[DictConfig, argparse.Namespace], object]
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except Exception:  # a bug of ours: its traceback, after the progress bars
+        _close_progress_bars()
+        raise
     finally:
-        warnings.formatwarning = formatwarning
+        warnings.showwarning = showwarning
 
 
 __all__ = ["Script", "flag_parser", "help_text", "parse", "positive_int", "report", "run", "torch_device"]

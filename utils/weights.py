@@ -190,7 +190,8 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what
     if problems:
         shown = "; ".join(problems[:3])
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise WeightsError(f"{what} does not fit the model ({len(problems)} problems: {shown}{more}): "
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise WeightsError(f"{what} does not fit the model ({count}: {shown}{more}): "
                            "are the config's sizes those of the checkpoint?")
     module.load_state_dict(state_dict, strict=True)
     return module

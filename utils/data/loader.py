@@ -176,6 +176,7 @@ def training_dataset(config, tokenizer) -> TokenDataset | None:
         dataset = open_pretokenized(params.pretokenization, params.pretokenized_cache_dir)
         source = params.pretokenization
     elif params.train_shards_path_or_url:
+        expand_shards(params.train_shards_path_or_url)  # missing shards stop the run before its folder is made
         return None
     else:
         raise DataError(
