@@ -39,7 +39,7 @@ from utils.data.images import (  # noqa: E402
 )
 from utils.data.loader import expand_shards  # noqa: E402
 from utils.errors import DataError, OutputError  # noqa: E402
-from utils.files import atomic_open, write_json  # noqa: E402
+from utils.files import atomic_open, remove_temporaries_of, write_json  # noqa: E402
 from utils.weights import describe_file  # noqa: E402
 
 CROPS_PER_IMAGE = {"center": 1, "flip": 2, "ten_crop": 10}
@@ -202,6 +202,7 @@ def main(config, args) -> None:
             raise DataError(f"--data {args.data}: no such image folder (root/<class>/<image>) or .tar shard pattern")
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        remove_temporaries_of(record_path(part))  # of a killed run
         write_json(record_path(part), settings)  # the same, or those of a part with no images yet
         try:
             with open(part, "a") as out, torch.no_grad(), tqdm(
@@ -224,6 +225,7 @@ def main(config, args) -> None:
     if world > 1:
         dist.barrier()
     if rank == 0:
+        remove_temporaries_of(args.output)  # of a run killed while merging
         merge_parts(parts, args.output)
         print(f"wrote {args.output}")
     if world > 1:

@@ -54,3 +54,13 @@ def load_script(name):
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def server():
+    """Runs the entry points as the user does, each in its own process (tests/script_runner.py)."""
+    from script_runner import ScriptServer
+
+    server = ScriptServer()
+    yield server
+    server.close()

@@ -72,6 +72,8 @@ def prepare_sample_dir(sample_dir: str, settings: dict) -> bool:
     """Record in `sample_dir/sampling.json` what the samples are made with, or check that a rerun uses the same
     (samples of other settings or another checkpoint must not end up in one file). True if `DIR.npz` is complete.
     Called once the models have loaded, so that a run that fails at start-up leaves no folder behind."""
+    remove_temporaries(sample_dir)  # what a killed run was writing
+    remove_temporaries_of(npz_path(sample_dir))
     path = os.path.join(sample_dir, "sampling.json")
     recorded = None
     if os.path.isfile(path):
@@ -88,8 +90,6 @@ def prepare_sample_dir(sample_dir: str, settings: dict) -> bool:
                 f"{sample_dir} holds samples made with other settings ({changes}); "
                 "use another experiment.output_dir, or delete that folder to start again"
             )
-        remove_temporaries(sample_dir)
-        remove_temporaries_of(npz_path(sample_dir))
     complete = os.path.isfile(npz_path(sample_dir))
     if complete:  # a kill after the .npz was renamed into place but before its shards were deleted
         shutil.rmtree(os.path.join(sample_dir, "shards"), ignore_errors=True)
