@@ -60,9 +60,11 @@ TRUNCATED = ("weights file {F}/truncated.safetensors is unreadable (truncated or
 
 
 # ------------------------------------------------------------------------------------------- set-ups
-def finished_sampling(server, inputs, out):
-    """A complete run of the sampler into {O}/samples with the tiny generator."""
-    assert run(server, SAMPLE, inputs, out).returncode == 0
+def interrupted_sampling(server, inputs, out):
+    """A run of the sampler into {O}/samples with the tiny generator, killed after its first shard."""
+    killed = run(server, SAMPLE, inputs, out, faults=[{"target": "os:replace", "match": "batch_000000",
+                                                       "action": "after"}])
+    assert killed.returncode == -9 and [p.name for p in (out / "samples" / "shards").iterdir()] == ["batch_000000.npz"]
 
 
 def interrupted_pretokenization(server, inputs, out):
@@ -230,6 +232,11 @@ ROWS = [
         "training.per_gpu_batch_size=2 dataset.params.shuffle_buffer_size=1", 0,
         "skipping shard {F}/shard-0001.tar member s0003: UnidentifiedImageError: cannot identify image file",
         left=("run*",)),
+    Row("train: a shard with a class id the model lacks (read by a worker)", TINY + " dataset.params."
+        "train_shards_path_or_url={F}/bad_class.tar dataset.params.num_workers_per_gpu=1 training.per_gpu_batch_size=1 "
+        "dataset.params.shuffle_buffer_size=1", 1,
+        "shard {F}/bad_class.tar member s0004: class id 12, outside [0, 10) (model.generator.condition_num_classes)",
+        left=("run", "run/config.yaml")),
     Row("pretokenize: --data missing", PRETOK + " --data {F}/missing", 1,
         "--data {F}/missing: no such image folder (root/<class>/<image>) or .tar shard pattern"),
     Row("pretokenize: a corrupt image", PRETOK + " --data {F}/corrupt/train", 1,
@@ -250,11 +257,11 @@ ROWS = [
     Row("train: output folder with checkpoints, resume off", TOY + " experiment.resume=False", 1,
         "{O}/run already holds checkpoints and experiment.resume is False: choose another experiment.output_dir, "
         "or remove them", setup=checkpoint_folder),
-    Row("sample: rerun with another checkpoint into a finished folder",
+    Row("sample: rerun with another checkpoint into a folder with shards",
         SAMPLE + " experiment.generator_checkpoint={F}/other_generator.safetensors", 1,
         "{O}/samples holds samples made with other settings (generator_checkpoint: '{F}/tiny_generator.safetensors "
         "(… bytes)' (there) vs '{F}/other_generator.safetensors (… bytes)' (now)); use another "
-        "experiment.output_dir, or delete that folder to start again", setup=finished_sampling),
+        "experiment.output_dir, or delete that folder to start again", setup=interrupted_sampling),
     Row("pretokenize: rerun with another tokenizer into an interrupted part",
         PRETOK + " experiment.tokenizer_checkpoint={F}/other_vqgan.safetensors", 1,
         "{O}/tokens.jsonl.part-0-of-1 holds images made with other settings (tokenizer_checkpoint: "
@@ -329,6 +336,7 @@ def inputs(tmp_path_factory):
                                          "s0001.png": png.getvalue(), "s0001.cls": b"2"})
     write_tar(folder / "shard-0001.tar", {"s0002.png": png.getvalue(), "s0002.cls": b"1",
                                          "s0003.png": b"garbage", "s0003.cls": b"2"})
+    write_tar(folder / "bad_class.tar", {"s0004.png": png.getvalue(), "s0004.cls": b"12"})
 
     np.savez(folder / "ref.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8))
     np.savez(folder / "float.npz", arr_0=np.zeros((4, 16, 16, 3), np.float32))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from functools import partial
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -107,10 +106,11 @@ def class_label(data) -> int:
 
 class DecodeSample:
     """A shard member → (image tensor, class id), or None (with a warning naming the shard and the key) when the
-    member cannot be decoded: one corrupt JPEG does not stop an 8-GPU run, and is not skipped silently."""
+    member cannot be decoded: one corrupt JPEG does not stop an 8-GPU run, and is not skipped silently. A class id
+    the model does not have stops the run (the labels, not one member, are wrong)."""
 
-    def __init__(self, transform):
-        self.transform = transform
+    def __init__(self, transform, num_classes: int):
+        self.transform, self.num_classes = transform, num_classes
 
     def __call__(self, sample: Dict) -> Optional[Tuple[torch.Tensor, int]]:
         where = f"shard {sample.get('__url__', '?')} member {sample.get('__key__', '?')}"
@@ -118,10 +118,14 @@ class DecodeSample:
         try:
             if image_key is None or "cls" not in sample:
                 raise DataError(f"no image or no 'cls' (keys: {sorted(k for k in sample if not k.startswith('__'))})")
-            return self.transform(load_rgb(sample[image_key])), class_label(sample["cls"])
+            image, label = self.transform(load_rgb(sample[image_key])), class_label(sample["cls"])
         except Exception as err:  # a corrupt or truncated member: every decoder error counts
             warnings.warn(f"skipping {where}: {decode_problem(err)}", stacklevel=1)
             return None
+        if not 0 <= label < self.num_classes:
+            raise DataError(f"{where}: class id {label}, outside [0, {self.num_classes}) "
+                            "(model.generator.condition_num_classes)")
+        return image, label
 
 
 def decodable(samples: Iterator[Optional[Tuple]]) -> Iterator[Tuple]:
@@ -142,7 +146,7 @@ def shard_loader(config, step: int) -> DataLoader:
         wds.ResampledShards(expand_shards(params.train_shards_path_or_url), seed=seed, deterministic=True),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         wds.shuffle(params.shuffle_buffer_size, seed=seed),
-        wds.map(DecodeSample(training_transform(pre))),
+        wds.map(DecodeSample(training_transform(pre), config.model.generator.condition_num_classes)),
         decodable,
         wds.batched(config.training.per_gpu_batch_size, partial=False),
     )
@@ -156,15 +160,12 @@ def shard_loader(config, step: int) -> DataLoader:
     )
 
 
-def as_batch(batch, num_classes: int) -> Dict[str, torch.Tensor]:
-    """Token batches as they are; image batches from shards as a dict, their labels checked (on the host)."""
+def as_batch(batch) -> Dict[str, torch.Tensor]:
+    """Token batches as they are; image batches from shards as a dict."""
     if isinstance(batch, dict):
         return batch
     images, class_ids = batch
-    class_ids = torch.as_tensor(class_ids)
-    if int(class_ids.max()) >= num_classes or int(class_ids.min()) < 0:
-        raise DataError(f"a training shard holds class id {int(class_ids.max())}, outside [0, {num_classes})")
-    return {"images": images, "class_ids": class_ids}
+    return {"images": images, "class_ids": torch.as_tensor(class_ids)}
 
 
 def training_dataset(config, tokenizer) -> TokenDataset | None:
@@ -194,4 +195,4 @@ def batches(config, dataset: TokenDataset | None, rank: int, world_size: int, sa
         if dataset is None
         else token_loader(dataset, config, rank, world_size, samples_seen)
     )
-    return map(partial(as_batch, num_classes=config.model.generator.condition_num_classes), loader)
+    return map(as_batch, loader)
