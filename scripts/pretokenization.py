@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modeling import build_tokenizer  # noqa: E402
-from utils.cli import Script, flag_parser, positive_int, run  # noqa: E402
+from utils.cli import Script, flag_parser, non_negative_int, positive_int, run  # noqa: E402
 from utils.config import to_container  # noqa: E402
 from utils.data.images import (  # noqa: E402
     center_crop_arr,
@@ -50,7 +50,7 @@ FLAGS.add_argument("--data", required=True, help="image folder (root/<class>/<im
 FLAGS.add_argument("--output", required=True, help="the JSON Lines file to write")
 FLAGS.add_argument("--augment", choices=sorted(CROPS_PER_IMAGE), default="ten_crop", help="crops per image")
 FLAGS.add_argument("--batch_size", type=positive_int, default=64, help="images per tokenizer batch and process")
-FLAGS.add_argument("--num_workers", type=int, choices=range(0, 257), metavar="N", default=8,
+FLAGS.add_argument("--num_workers", type=non_negative_int, default=8,
                    help="image-decoding workers per process (folders; 0: in the main process)")
 
 SCRIPT = Script(
@@ -195,7 +195,7 @@ def main(config, args) -> None:
         if os.path.isdir(args.data):
             items = list_image_folder(args.data)[0][rank::world]
             dataset, total, workers = FolderImages(items[done:], size, args.augment), len(items), args.num_workers
-        elif ".tar" in args.data:  # read in order by this process alone, so that a resumed run can count what to skip
+        elif ".tar" in args.data:  # read in order by this process alone, so that a resumed run counts what to skip
             shards = expand_shards(args.data, "--data")[rank::world]
             dataset, total, workers = ShardImages(shards, size, args.augment, done), None, 0
         else:

@@ -79,7 +79,8 @@ def test_pretokenization_writes_ten_crops_and_resumes(folder, tmp_path):
     with pytest.raises(SystemExit):  # a part whose settings are unknown is not continued
         call("pretokenization", args)
     pretokenization = load_script("pretokenization")
-    write_json(pretokenization.record_path(str(part)), pretokenization.settings_of(*parse(args, pretokenization.SCRIPT)))
+    settings = pretokenization.settings_of(*parse(args, pretokenization.SCRIPT))
+    write_json(pretokenization.record_path(str(part)), settings)
     call("pretokenization", args)
     assert output.read_bytes() == full
     assert sorted(os.listdir(tmp_path)) == ["tokens.jsonl"]

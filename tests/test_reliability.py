@@ -246,7 +246,8 @@ def test_sampler_killed_and_resumed_ends_with_the_same_npz(server, weights, samp
 PRETOKENIZE = ("scripts/pretokenization.py config=configs/rear_tiny.yaml experiment.tokenizer_checkpoint="
                "{W}/tiny_vqgan.safetensors --data {W}/images/train --output {O}/tokens.jsonl --augment flip "
                "--num_workers 0 --batch_size 2")
-CONVERT = "scripts/convert_imagenet_to_wds.py --imagenet_dir {W}/images --output_dir {O}/shards --maxcount 2 --splits train"
+CONVERT = ("scripts/convert_imagenet_to_wds.py --imagenet_dir {W}/images --output_dir {O}/shards --maxcount 2 "
+           "--splits train")
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse `type` of a count that may be 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def torch_device(text: str) -> str:
     """argparse `type` of a torch device (cpu, cuda, cuda:1), checked before any work."""
     import torch
@@ -183,4 +191,5 @@ def run(script: Script, main: Callable[[DictConfig, argparse.Namespace], object]
         warnings.showwarning = showwarning
 
 
-__all__ = ["Script", "flag_parser", "help_text", "parse", "positive_int", "report", "run", "torch_device"]
+__all__ = ["Script", "flag_parser", "help_text", "non_negative_int", "parse", "positive_int", "report", "run",
+           "torch_device"]
