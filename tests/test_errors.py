@@ -131,6 +131,8 @@ ROWS = [
         "argument --batch_size: must be at least 1, got 0 (see --help)"),
     Row("pretokenize: --batch_size abc", PRETOK + " --batch_size abc", 2,
         "argument --batch_size: invalid positive_int value: 'abc' (see --help)"),
+    Row("pretokenize: --num_workers -1", PRETOK + " --num_workers -1", 2,
+        "argument --num_workers: must be at least 0, got -1 (see --help)"),
     Row("convert: no flags", "scripts/convert_imagenet_to_wds.py", 2,
         "the following arguments are required: --imagenet_dir, --output_dir (see --help)"),
     Row("convert: --maxcount 0", CONVERT + " --maxcount 0", 2,
