@@ -57,7 +57,8 @@ from modeling.fast_sampler import FastSampler, decode_in_batches  # noqa: E402
 from modeling.objective import Objective  # noqa: E402
 from modeling.sampler import SamplingOptions, why_not_fast  # noqa: E402
 from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN  # noqa: E402
-from utils.cli import Script, flag_parser, run  # noqa: E402
+from utils.cli import Script, flag_parser, positive_int, run, torch_device  # noqa: E402
+from utils.files import atomic_open  # noqa: E402
 from utils.training.optim import build_optimizer, build_scheduler  # noqa: E402
 from utils.training.step import make_accelerator, train_step  # noqa: E402
 
@@ -433,18 +434,20 @@ def report(result: Dict) -> str:
 
 
 FLAGS = flag_parser()
-FLAGS.add_argument("--batch-size", type=int, default=128, help="training and sampling batch (CFG: twice the rows)")
-FLAGS.add_argument("--steps", type=int, default=10, help="timed training steps per variant")
-FLAGS.add_argument("--repeats", type=int, default=3, help="timed sampling batches per variant")
-FLAGS.add_argument("--plain-repeats", type=int, default=1, help="timed batches of the (slow) plain sampler")
-FLAGS.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-FLAGS.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+FLAGS.add_argument("--batch-size", type=positive_int, default=128,
+                   help="training and sampling batch (CFG: twice the rows)")
+FLAGS.add_argument("--steps", type=positive_int, default=10, help="timed training steps per variant")
+FLAGS.add_argument("--repeats", type=positive_int, default=3, help="timed sampling batches per variant")
+FLAGS.add_argument("--plain-repeats", type=positive_int, default=1, help="timed batches of the (slow) plain sampler")
+FLAGS.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda")
+FLAGS.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch.set_num_threads)")
 FLAGS.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="ours: default bf16 on CUDA, fp32 on CPU")
 FLAGS.add_argument("--compile", action="store_true", help="also torch.compile (training, decode step)")
 FLAGS.add_argument("--skip-training", action="store_true", help="sampling only")
 FLAGS.add_argument("--skip-sampling", action="store_true", help="training only")
 FLAGS.add_argument("--vqgan", choices=["released", "tiny"], help="default: released on CUDA, tiny on CPU")
-FLAGS.add_argument("--decode-batch-size", type=int, default=32, help="VQGAN decode chunk")
+FLAGS.add_argument("--decode-batch-size", type=positive_int, default=32, help="VQGAN decode chunk")
 FLAGS.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of an unlisted GPU")
 FLAGS.add_argument("--json", default=None, help="write the results here")
 
@@ -495,7 +498,8 @@ def main(config, args, argv=None) -> Dict:
         result["sampling"] = measure_sampling(config, args, device, dtype)
     print(report(result))
     if args.json:
-        with open(args.json, "w") as f:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with atomic_open(args.json) as f:
             json.dump(result, f, indent=2)
     return result
 

@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)  # run from a clone, uninstalled
 from modeling import build_tokenizer, load_generator  # noqa: E402
 from modeling.sampler import SamplingOptions, sample_images  # noqa: E402
 from modeling.tokenizers import decoded_to_uint8  # noqa: E402
-from utils.cli import Script, flag_parser, run  # noqa: E402
+from utils.cli import Script, flag_parser, positive_int, run, torch_device  # noqa: E402
 from utils.errors import MissingWeightsError, UsageError  # noqa: E402
 from utils.grids import class_caption, labelled_grid, save_png  # noqa: E402
 from utils.weights import GENERATOR_FILENAMES, TOKENIZER_FILENAME, resolve_weights  # noqa: E402
@@ -44,8 +44,9 @@ FLAGS.add_argument("--temperature", type=float, help="default: the model's relea
 FLAGS.add_argument("--top-k", type=int, help="keep the k most likely tokens")
 FLAGS.add_argument("--top-p", type=float, help="keep the smallest set of tokens with this probability mass")
 FLAGS.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: CUDA only (default sampling.precision)")
-FLAGS.add_argument("--columns", type=int, default=8, help="images per row")
-FLAGS.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+FLAGS.add_argument("--columns", type=positive_int, default=8, help="images per row")
+FLAGS.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda")
 
 SCRIPT = Script(
     usage="python scripts/demo.py [config=FILE.yaml] [key.sub=value ...] [--model reAR-S] [--classes ...] "

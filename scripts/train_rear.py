@@ -41,7 +41,7 @@ from utils.training.logging import MetricWindow, log_grid, start_trackers, track
 from utils.training.optim import build_optimizer, build_scheduler  # noqa: E402
 from utils.training.resume import (  # noqa: E402
     NonFiniteError,
-    clean_checkpoint_folder,
+    clean_output_folder,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -94,11 +94,13 @@ def main(config, flags=None) -> dict:
 
     if accelerator.is_main_process:
         os.makedirs(out, exist_ok=True)
-        clean_checkpoint_folder(out)
+        clean_output_folder(out)
         with atomic_open(os.path.join(out, "config.yaml")) as f:
             f.write(to_yaml(config))
     with accelerator.main_process_first():  # the main process sets damaged checkpoints aside first
-        checkpoint = latest_checkpoint(out, warn=accelerator.print)
+        checkpoint = latest_checkpoint(out, warn=lambda message: accelerator.print(message, file=sys.stderr))
+        if accelerator.is_main_process:  # a kill between a save and its pruning left one checkpoint too many
+            prune_checkpoints(out, config.experiment.keep_last_checkpoints)
     # The data iterator is made before the random state is set (or restored): making it draws from it.
     state = read_train_state(checkpoint) if checkpoint else {"step": 0, "samples_seen": 0}
     step, samples_seen = state["step"], state["samples_seen"]

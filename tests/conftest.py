@@ -79,6 +79,16 @@ def load_script(name):
     return sys.modules[name]
 
 
+@pytest.fixture(scope="session")
+def server():
+    """Runs the entry points as the user does, each in its own process (tests/script_runner.py)."""
+    from script_runner import ScriptServer
+
+    server = ScriptServer()
+    yield server
+    server.close()
+
+
 # Markers: `slow` tests run by default (the whole suite stays within CI's 10 minutes); `cuda` tests need a GPU and
 # `campaign` tests are the long fault campaigns: both are deselected unless asked for with -m (e.g. -m cuda).
 OPT_IN_MARKERS = ("cuda", "campaign")

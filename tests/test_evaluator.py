@@ -25,6 +25,7 @@ from evaluator.evaluation import evaluate
 from evaluator.features import WEIGHTS_FILE, InceptionFeatures
 from evaluator.metrics import compute_statistics, frechet_distance, inception_score, precision_recall
 from evaluator.npz import NpzImages
+from utils.errors import DataError
 
 ADM_ORDER = ["Inception Score", "FID", "sFID", "Precision", "Recall"]
 
@@ -191,7 +192,7 @@ def test_npz_images_reject_bad_input(tmp_path, arrays, message):
 
 
 def test_npz_images_reject_missing_and_non_npz_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(DataError, match="no such file"):
         NpzImages(tmp_path / "missing.npz")
     (tmp_path / "text.npz").write_text("not a zip")
     with pytest.raises(ValueError, match="not an .npz file"):
@@ -399,8 +400,8 @@ def test_cli_reports_bad_input_without_a_traceback(cli_run, random_inception_wei
     ref = cli_run[0]
     with pytest.raises(SystemExit) as exit_info:
         main([ref, str(tmp_path / "missing.npz"), "--inception-weights", random_inception_weights])
-    assert exit_info.value.code == 2
-    assert "missing.npz: no such file" in capsys.readouterr().err
+    assert exit_info.value.code == 1  # not a usage error: a file the user named is missing
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing.npz'}: no such file\n"
 
 
 def test_fid_over_fewer_samples_than_dimensions_is_refused_in_one_line(cli_run, random_inception_weights, capsys):

@@ -11,6 +11,7 @@ import argparse
 import functools
 import os
 import pickle
+import re
 import socket
 import zipfile
 from dataclasses import dataclass
@@ -112,15 +113,17 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     except pickle.UnpicklingError as err:
         # weights_only refuses any pickled object that is not a tensor or a plain container: such a file could run
         # code when loaded, so it is refused here too, whatever it holds.
-        detail = str(err).split("\n")[0].split("Unsupported")[-1].strip(" :.")
+        # torch's own message advises weights_only=False, which would run the object: only its finding is kept.
+        found = re.search(r"unsupported (GLOBAL [\w.]+|[^\n.]+)", str(err), re.IGNORECASE)
+        detail = found.group(1) if found else "not a plain state dict"
         raise WeightsError(
             f"refusing to load {path} for safety: it holds pickled Python objects other than tensors "
-            f"({detail or 'not a plain state dict'}); only weights-only files are loaded. If you made this file, "
+            f"({detail}); only weights-only files are loaded. If you made this file, "
             "save its state dict instead (torch.save(model.state_dict(), path) or a .safetensors file)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise WeightsError(f"weights file {path} is unreadable (truncated or corrupt?): "
-                           f"{str(err).splitlines()[0]}{where_published(path)}") from None
+                           f"{first_sentence(err)}{where_published(path)}") from None
     if not isinstance(state, Mapping):
         raise WeightsError(f"{path} does not hold a state dict (found {type(state).__name__})")
     return dict(state)
@@ -141,7 +144,12 @@ def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"weights file {path} is unreadable (truncated or corrupt?): "
-                           f"{str(err).splitlines()[0]}{where_published(path)}") from None
+                           f"{first_sentence(err)}{where_published(path)}") from None
+
+
+def first_sentence(err: BaseException) -> str:
+    """A library's error without the paragraphs of advice that follow its finding."""
+    return str(err).splitlines()[0].split(". ")[0].rstrip(".")
 
 
 def unwrap(state: Dict, keys: Sequence[str], path: str) -> Dict[str, torch.Tensor]:
@@ -188,7 +196,8 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what
     if problems:
         shown = "; ".join(problems[:3])
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise WeightsError(f"{what} does not fit the model ({len(problems)} problems: {shown}{more}): "
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise WeightsError(f"{what} does not fit the model ({count}: {shown}{more}): "
                            "are the config's sizes those of the checkpoint?")
     module.load_state_dict(state_dict, strict=True)
     return module

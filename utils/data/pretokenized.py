@@ -47,7 +47,7 @@ def cache_path(path: str, cache_dir: Optional[str] = None) -> str:
 def parse_line(line: bytes, path: str, line_number: int, seq_len: Optional[int]) -> tuple[int, np.ndarray]:
     where = f"{path}:{line_number}"
     try:
-        record = json.loads(line)
+        record = json.loads(line.rstrip(b"\r\n"))  # so that a JSON error's "line 1 column N" is this line's
         class_id, tokens = record["class_id"], np.asarray(record["tokens"]).reshape(-1)
     except (ValueError, KeyError, TypeError) as err:  # bad JSON or UTF-8, missing keys, ragged nested lists
         expected = '{"class_id": int, "tokens": [int, ...]}'
