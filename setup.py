@@ -13,7 +13,8 @@ setup(
     version="0.1.0",
     description="reAR: visual autoregressive generation with generator-tokenizer consistency regularisation",
     python_requires=">=3.10",
+    license="Apache-2.0",
     packages=find_packages(include=["modeling", "modeling.*", "utils", "utils.*", "evaluator", "evaluator.*"]),
     install_requires=requirements,
-    extras_require={"test": ["pytest>=7"], "wandb": ["wandb"]},
+    extras_require={"test": ["pytest>=7", "wandb"], "wandb": ["wandb"], "swanlab": ["swanlab"]},
 )

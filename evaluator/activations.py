@@ -12,6 +12,8 @@ import numpy as np
 from tqdm import tqdm
 
 from evaluator.metrics import compute_statistics
+from utils.errors import OutputError, WeightsError
+from utils.files import atomic_path, remove_temporaries_of
 
 ACTIVATIONS = ("pool", "spatial", "softmax")
 
@@ -49,7 +51,7 @@ def compute_activations(images, features, batch_size):
     activations = {name: np.concatenate([part[name] for part in parts]) for name in ACTIVATIONS}
     for name, values in activations.items():
         if not np.isfinite(values).all():
-            raise ValueError(f"{images.path}: the Inception {name} features are not finite (NaN or inf); "
+            raise WeightsError(f"{images.path}: the Inception {name} features are not finite (NaN or inf); "
                              f"check the Inception weights file")
     return activations
 
@@ -67,14 +69,11 @@ def batch_statistics(npz_path, activations):
 
 
 def _write_atomically(path, arrays):
-    """Write to a temporary file, then rename: an interrupted run never leaves a half-written cache."""
-    temporary = f"{path}.{os.getpid()}.tmp"
+    """An interrupted run never leaves a half-written cache (and a rerun removes what a killed one was writing);
+    a cache that cannot be written is only a warning."""
+    remove_temporaries_of(path)
     try:
-        with open(temporary, "wb") as f:
+        with atomic_path(path) as temporary, open(temporary, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(temporary, path)
-    except OSError as error:
+    except (OSError, OutputError) as error:  # OutputError: a full disk
         warnings.warn(f"could not write the activation cache {path}: {error}")
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)

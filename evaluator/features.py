@@ -6,10 +6,14 @@ From one forward pass, per image:
 - softmax: softmax of pool_3 @ W of the 1008-way classifier, without its bias, as ADM's graph computes it (IS).
 """
 import os
+import pickle
 
 import torch
 from torch.hub import download_url_to_file
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+
+from utils.errors import MissingWeightsError, WeightsError
+from utils.weights import first_sentence
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -18,7 +22,7 @@ def inception_weights_path(path=None):
     """The weights file: `path` if given, else torch hub's checkpoint cache, downloading there when online."""
     if path is not None:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"Inception weights {path}: no such file")
+            raise MissingWeightsError(f"Inception weights {path}: no such file")
         return str(path)
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILE)
     if not os.path.isfile(cached):
@@ -26,7 +30,7 @@ def inception_weights_path(path=None):
             os.makedirs(os.path.dirname(cached), exist_ok=True)
             download_url_to_file(URL_INCEPTION_V3, cached)
         except OSError as error:
-            raise FileNotFoundError(
+            raise MissingWeightsError(
                 f"Inception weights {WEIGHTS_FILE} are not in {os.path.dirname(cached)} and could not be "
                 f"downloaded ({error}). Fetch {URL_INCEPTION_V3} on a machine with internet, then pass "
                 f"--inception-weights PATH or copy the file to {cached}."
@@ -39,9 +43,13 @@ class InceptionFeatures:
 
     def __init__(self, weights_path, device="cpu"):
         self.device = device
-        self.net = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path
-        ).to(device)
+        try:
+            self.net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path
+            ).to(device)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # torch.load of the file
+            raise WeightsError(f"Inception weights {weights_path} are unreadable (truncated or corrupt?): "
+                               f"{first_sentence(error)}; fetch {URL_INCEPTION_V3} again") from None
         # TF's `mixed_6/conv` is the ReLU output of Mixed_6d's 1x1 branch.
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
         self.weights_path = weights_path  # activation caches record which weights made them

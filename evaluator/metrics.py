@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from scipy import linalg
 
+from utils.errors import DataError
+
 
 def compute_statistics(features):
     """(mu, sigma) of a feature set, as ADM's `compute_statistics` (np.cov works in float64)."""
@@ -20,8 +22,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+        raise DataError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+                        f"sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
     # ADM calls sqrtm(..., disp=False)[0]; `disp` is deprecated since SciPy 1.16 and the plain call
     # returns the same matrix.
@@ -61,8 +63,8 @@ def precision_recall(ref_features, sample_features, k=3, batch_size=10000, devic
     ref = torch.as_tensor(np.asarray(ref_features, dtype=np.float32), device=device)
     sample = torch.as_tensor(np.asarray(sample_features, dtype=np.float32), device=device)
     if min(len(ref), len(sample)) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} points in each set, "
-                         f"got {len(ref)} reference and {len(sample)} sample points")
+        raise DataError(f"precision/recall with k={k} needs more than {k} points in each set, "
+                        f"got {len(ref)} reference and {len(sample)} sample points")
     ref_radii = _manifold_radii(ref, k, batch_size)
     sample_radii = _manifold_radii(sample, k, batch_size)
     ref_inside = torch.zeros(len(ref), dtype=torch.bool, device=device)

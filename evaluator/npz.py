@@ -10,6 +10,8 @@ import zipfile
 
 import numpy as np
 
+from utils.errors import DataError
+
 _LOCAL_HEADER_SIZE = 30  # fixed part of a zip local file header; name and extra field follow it
 
 
@@ -19,24 +21,24 @@ class NpzImages:
     def __init__(self, path, key="arr_0"):
         self.path = str(path)
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"{self.path}: no such file")
+            raise DataError(f"{self.path}: no such file")
         try:
             with zipfile.ZipFile(self.path) as archive:
                 names = [name.removesuffix(".npy") for name in archive.namelist()]
                 if key not in names:
-                    raise ValueError(f"{self.path} has no '{key}' array (it holds {names}); "
+                    raise DataError(f"{self.path} has no '{key}' array (it holds {names}); "
                                      f"save images with np.savez(path, {key}=images)")
                 self._member = archive.getinfo(f"{key}.npy")
                 with archive.open(self._member) as stream:
                     self.shape, dtype = _read_npy_header(stream, self.path)
                     self._header_size = stream.tell()
         except zipfile.BadZipFile:
-            raise ValueError(f"{self.path} is not an .npz file (not a zip archive)") from None
+            raise DataError(f"{self.path} is not an .npz file (not a zip archive)") from None
         if dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3:
-            raise ValueError(f"{self.path}: '{key}' must be uint8 images of shape (N, H, W, 3), "
+            raise DataError(f"{self.path}: '{key}' must be uint8 images of shape (N, H, W, 3), "
                              f"got {dtype} {self.shape}")
         if self.shape[0] < 2:
-            raise ValueError(f"{self.path}: needs at least 2 images for a covariance, got {self.shape[0]}")
+            raise DataError(f"{self.path}: needs at least 2 images for a covariance, got {self.shape[0]}")
 
     def __len__(self):
         return self.shape[0]
@@ -55,7 +57,7 @@ class NpzImages:
                 count = min(batch_size, len(self) - i)
                 data = bytearray(count * image_bytes)  # writable, so torch takes it without a copy
                 if stream.readinto(data) != len(data):
-                    raise ValueError(f"{self.path}: array data ends after {i} of {len(self)} images")
+                    raise DataError(f"{self.path}: array data ends after {i} of {len(self)} images")
                 yield np.frombuffer(data, np.uint8).reshape(count, *self.shape[1:])
 
     def _data_offset(self):
@@ -75,7 +77,7 @@ def _read_npy_header(stream, path):
     elif version == (2, 0):
         shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
     else:
-        raise ValueError(f"{path}: unsupported .npy format version {version}")
+        raise DataError(f"{path}: unsupported .npy format version {version}")
     if fortran_order:
-        raise ValueError(f"{path}: array is stored in Fortran order; save np.ascontiguousarray(images)")
+        raise DataError(f"{path}: array is stored in Fortran order; save np.ascontiguousarray(images)")
     return shape, dtype

@@ -9,21 +9,28 @@ written once against this small interface:
   position `prefix_len + i` reads tok_i and position `prefix_len - 1 + i` predicts it;
 - `new_caches(rows)` and `next_token_logits(prefix, class_ids, caches)`: the logits of the token after `prefix`;
   with caches only the newest position runs (the first call runs the class / prefix positions);
-- `check_ids`, and the attributes `codebook_size`, `num_classes`, `image_seq_len`, `null_class`, `hidden_size`.
-What the originals' samplers do differently is data here: `guidance_schedule` (a name in
-`modeling.sampler.GUIDANCE_SCHEDULES`) and `start_sampling` (random draws the original makes before its first step).
+- the attributes `codebook_size`, `num_classes`, `image_seq_len`, `null_class`, `hidden_size` (set by
+  `Generator.__init__`), and `check_ids` (a default here).
+What the originals' samplers do differently is data or a small override here: `guidance_schedule` (a name in
+`modeling.sampler.GUIDANCE_SCHEDULES`), `uses_guidance` (which scales run the null-class rows), `guidance_scale_at`
+(the scale of token t, or None for the conditional logits alone) and `start_sampling` (random draws the original
+makes before its first step). Shared helpers: `through_blocks` (the blocks of `transformer_blocks`, with activation
+checkpointing and the hidden states the heads read) and `load_weights_file` (a released file, unwrapped by
+`checkpoint_keys`, loaded strictly).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from modeling import sampler
 from modeling.objective import add_alignment_heads
+from modeling.sampler import DEFAULT_GUIDANCE_WINDOW, GUIDANCE_SCHEDULES, Guidance
+from utils.config import validate
 
 LOCAL_GENERATOR = "experiment.generator_checkpoint=PATH"
 HEAD_OUTPUTS = {"encode_align_mlp": "encode_z", "decode_align_mlp": "decode_z"}
@@ -38,16 +45,29 @@ class GeneratorOutput:
 
 
 class Generator(nn.Module):
-    """Base class of the backbones: the alignment heads, the teacher-forced output, sampling and loading."""
+    """Base class of the backbones: the shared sizes, the alignment heads, the teacher-forced output, sampling and
+    loading. `config` is the whole project config (model.generator.* and model.vq_model.codebook_size)."""
 
     prefix_len: int = 1
     supports_orders: bool = False  # RAR's randomized order
     has_fast_sampler: bool = False
     guidance_schedule: str = "cosine_power"
+    checkpoint_keys: Tuple[str, ...] = ()  # where a released training checkpoint keeps the weights ("model", ...)
+
+    def __init__(self, config):
+        super().__init__()
+        config = validate(config)
+        g = config.model.generator
+        self.codebook_size = config.model.vq_model.codebook_size
+        self.num_classes = g.condition_num_classes
+        self.null_class = self.num_classes  # raw label C
+        self.image_seq_len = g.image_seq_len
+        self.hidden_size = g.hidden_size
+        self.use_checkpoint = g.use_checkpoint
 
     def attach_alignment_heads(self, config) -> None:
         """reAR's heads (as configured) on this backbone; call at the end of the subclass's __init__ layers."""
-        self.alignment_heads: Dict[str, int] = add_alignment_heads(self, config)
+        self.alignment_heads: Dict[str, int] = add_alignment_heads(self, validate(config))
 
     # ------------------------------------------------------------------------------ what a backbone provides
     def hidden_states(self, input_ids: Tensor, class_ids: Tensor, layers: Sequence[int],
@@ -61,10 +81,62 @@ class Generator(nn.Module):
         raise NotImplementedError
 
     def check_ids(self, input_ids: Optional[Tensor], class_ids: Tensor) -> None:
-        raise NotImplementedError
+        """Raw labels in [0, C] (C the null class), image tokens in [0, V), at most N of them."""
+        if class_ids.numel() and not (0 <= int(class_ids.min()) and int(class_ids.max()) <= self.num_classes):
+            raise ValueError(
+                f"class id out of range: got [{int(class_ids.min())}, {int(class_ids.max())}], "
+                f"expected [0, {self.num_classes}] ({self.num_classes} is the null class)"
+            )
+        if input_ids is None or not input_ids.numel():
+            return
+        if input_ids.shape[1] > self.image_seq_len:
+            raise ValueError(f"{input_ids.shape[1]} tokens > image_seq_len {self.image_seq_len}")
+        if not (0 <= int(input_ids.min()) and int(input_ids.max()) < self.codebook_size):
+            raise ValueError(
+                f"token id out of range: got [{int(input_ids.min())}, {int(input_ids.max())}], "
+                f"expected [0, {self.codebook_size})"
+            )
 
+    @property
+    def transformer_blocks(self) -> nn.ModuleList:
+        """The backbone's blocks in order (under the original's module name)."""
+        return self.blocks
+
+    def through_blocks(self, x: Tensor, *inputs, caches: Optional[Sequence] = None,
+                       keep: Sequence[int] = ()) -> Tuple[Tensor, Dict[int, Tensor]]:
+        """x through every block, called as `block(x, *inputs, cache)`; returns the last hidden states and those
+        after the blocks in `keep`. With `use_checkpoint` in training, each block's activations are recomputed in
+        the backward pass instead of kept."""
+        blocks = self.transformer_blocks
+        outside = [k for k in keep if not 0 <= k < len(blocks)]
+        if outside:
+            raise ValueError(f"layer {outside[0]} is outside the {len(blocks)} blocks")
+        kept = {}
+        for idx, block in enumerate(blocks):
+            cache = None if caches is None else caches[idx]
+            if self.use_checkpoint and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, *inputs, cache, use_reentrant=False)
+            else:
+                x = block(x, *inputs, cache)
+            if idx in keep:
+                kept[idx] = x
+        return x, kept
+
+    # ------------------------------------------------------------------------------ how its original samples
     def start_sampling(self, class_ids: Tensor) -> None:
         """Random draws the original sampler makes before its first step (none by default)."""
+
+    def uses_guidance(self, guidance_scale: float) -> bool:
+        """Whether sampling at this scale runs the rows [conditional; null class] (RAR's samplers: any scale but 0)."""
+        return guidance_scale != 0
+
+    def guidance_scale_at(self, step: int, guidance: Guidance, device=None) -> Union[Tensor, float, None]:
+        """The guidance scale of token `step`, or None: that token comes from the conditional logits alone (after
+        `guidance.interval`, GigaTok's cfg_interval: its decode step step-1 > interval; the batch stays doubled)."""
+        if guidance.interval > -1 and step - 1 > guidance.interval:
+            return None
+        schedule = GUIDANCE_SCHEDULES[guidance.schedule or self.guidance_schedule]
+        return schedule(step, self.image_seq_len, guidance, device)
 
     # ------------------------------------------------------------------------------ the method's side
     def forward(self, input_ids: Tensor, class_ids: Tensor, orders: Optional[Tensor] = None) -> GeneratorOutput:
@@ -83,28 +155,38 @@ class Generator(nn.Module):
 
     @torch.no_grad()
     def generate(self, class_ids: Tensor, guidance_scale: float, guidance_scale_pow: float, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, kv_cache: bool = True) -> Tensor:
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, kv_cache: bool = True,
+                 guidance_schedule: Optional[str] = None,
+                 guidance_window: Tuple[float, float] = DEFAULT_GUIDANCE_WINDOW, cfg_interval: int = -1) -> Tensor:
         """Sample (B, N) image tokens for raw class labels (B,); for a fixed `torch.manual_seed` this reproduces the
         original sampler's tokens (see `modeling.sampler.generate`)."""
-        return sampler.generate(self, class_ids, guidance_scale, guidance_scale_pow, temperature, top_k, top_p, kv_cache)
+        return sampler.generate(self, class_ids, guidance_scale, guidance_scale_pow, temperature, top_k, top_p,
+                                kv_cache, guidance_schedule, guidance_window, cfg_interval)
 
     def num_parameters(self, exclude_alignment: bool = False) -> int:
         heads = set(HEAD_OUTPUTS) if exclude_alignment else set()
         return sum(p.numel() for name, p in self.named_parameters() if name.split(".")[0] not in heads)
 
-    @staticmethod
-    def unwrap_checkpoint(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """The state dict inside a released file (some originals wrap it, e.g. {"model": ...})."""
-        return state
+    def load_weights_file(self, path: str, what: str, local_option: str = LOCAL_GENERATOR,
+                          new_heads: bool = False) -> "Generator":
+        """The weights at `path` (a local file, or a released file name fetched from where it is published; a
+        training checkpoint is unwrapped by `checkpoint_keys`), loaded strictly. With `new_heads`, a checkpoint
+        without the alignment heads (a released backbone such as AliTok-B) leaves this model's heads as initialised:
+        reAR trained on top of it."""
+        from utils.weights import load_checked, load_state_dict_file, resolve_weights, unwrap
+
+        state = unwrap(load_state_dict_file(resolve_weights(path, local_option=local_option)), self.checkpoint_keys,
+                       path)
+        if new_heads and not any(key.split(".")[0] in HEAD_OUTPUTS for key in state):
+            state = {**state, **{key: value for key, value in self.state_dict().items()
+                                 if key.split(".")[0] in HEAD_OUTPUTS}}
+        return load_checked(self, state, what)
 
     @classmethod
     def from_pretrained(cls, config, path: str) -> "Generator":
-        """A generator built from `config` with the weights at `path` (a local file, or a released file name fetched
-        from where it is published). A checkpoint without alignment heads loads into a config without them."""
-        from utils.weights import load_checked, load_state_dict_file, resolve_weights
-
-        state = cls.unwrap_checkpoint(load_state_dict_file(resolve_weights(path, local_option=LOCAL_GENERATOR)))
-        return load_checked(cls(config), state, f"generator checkpoint {path}").eval()
+        """A generator built from `config` with the weights at `path` (see `load_weights_file`), in eval mode. A
+        checkpoint without alignment heads loads into a config without them."""
+        return cls(config).load_weights_file(path, f"generator checkpoint {path}").eval()
 
 
 __all__ = ["Generator", "GeneratorOutput"]

@@ -53,6 +53,19 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end], None
 
 
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, cache=None, dropout_p: float = 0.0) -> Tensor:
+    """Causal scaled-dot-product attention over (B, H, L, d) heads; with a cache (`KVCache`, or the fast sampler's
+    static one) the new keys and values are appended first, and the new positions attend to every cached one.
+    Every backbone's attention ends here."""
+    L = q.shape[2]
+    mask = None
+    if cache is not None:  # a growing cache shows every key; a static one masks the positions not written yet
+        k, v, mask = cache.update(k, v)
+    if L > 1 and k.shape[2] != L:
+        raise ValueError("several new positions can only be processed from an empty cache")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=L > 1, dropout_p=dropout_p)
+
+
 @dataclass
 class DecodeState:
     """What one sampling call keeps between steps: every layer's cache and the position tables."""
@@ -83,14 +96,7 @@ class Attention(nn.Module):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
-        mask = None
-        if cache is not None:  # a growing cache shows every key; a static one masks the positions not written yet
-            k, v, mask = cache.update(k, v)
-        if L > 1 and k.shape[2] != L:
-            raise ValueError("several new positions can only be processed from an empty cache")
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=L > 1, dropout_p=self.attn_drop if self.training else 0.0
-        )
+        x = causal_attention(q, k, v, cache, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, L, D)))
 
 
@@ -155,16 +161,10 @@ class ReAR(Generator):
     has_fast_sampler = True
 
     def __init__(self, config):
-        super().__init__()
+        super().__init__(config)
         config = validate(config)
         g = config.model.generator
-        self.codebook_size = config.model.vq_model.codebook_size
-        self.num_classes = g.condition_num_classes
-        self.image_seq_len = g.image_seq_len
-        self.hidden_size = g.hidden_size
         self.mask_token_id = self.codebook_size
-        self.null_class = self.num_classes  # raw label C
-        self.use_checkpoint = g.use_checkpoint
         dim, n = g.hidden_size, g.image_seq_len
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -236,15 +236,7 @@ class ReAR(Generator):
     def run_blocks(self, x: Tensor, c: Tensor, caches: Optional[DecodeState] = None,
                    keep: Sequence[int] = ()) -> Tuple[Tensor, Dict[int, Tensor]]:
         """All blocks; returns the last hidden states and those after the blocks in `keep`."""
-        kept = {}
-        for idx, block in enumerate(self.blocks):
-            if self.use_checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
-            else:
-                x = block(x, c, None if caches is None else caches.layers[idx])
-            if idx in keep:
-                kept[idx] = x
-        return x, kept
+        return self.through_blocks(x, c, caches=None if caches is None else caches.layers, keep=keep)
 
     def head(self, x: Tensor, c: Tensor) -> Tensor:
         return self.lm_head(self.adaln_before_head(x, c))
@@ -256,22 +248,6 @@ class ReAR(Generator):
         x, c = self.embed(input_ids, class_ids, orders)
         x, kept = self.run_blocks(x, c, keep=layers)
         return self.head(x[:, 1:-1], c[:, 1:-1]), kept
-
-    def check_ids(self, input_ids: Optional[Tensor], class_ids: Tensor) -> None:
-        if class_ids.numel() and not (0 <= int(class_ids.min()) and int(class_ids.max()) <= self.num_classes):
-            raise ValueError(
-                f"class id out of range: got [{int(class_ids.min())}, {int(class_ids.max())}], "
-                f"expected [0, {self.num_classes}] ({self.num_classes} is the null class)"
-            )
-        if input_ids is None or not input_ids.numel():
-            return
-        if input_ids.shape[1] > self.image_seq_len:
-            raise ValueError(f"{input_ids.shape[1]} tokens > image_seq_len {self.image_seq_len}")
-        if not (0 <= int(input_ids.min()) and int(input_ids.max()) < self.codebook_size):
-            raise ValueError(
-                f"token id out of range: got [{int(input_ids.min())}, {int(input_ids.max())}], "
-                f"expected [0, {self.codebook_size})"
-            )
 
     # ------------------------------------------------------------------------------ sampling
     def start_sampling(self, class_ids: Tensor) -> None:
@@ -297,4 +273,4 @@ class ReAR(Generator):
         return self.head(x[:, -1:], c[:, -1:])[:, 0]
 
 
-__all__ = ["ReAR", "GeneratorOutput", "KVCache"]
+__all__ = ["ReAR", "GeneratorOutput", "KVCache", "causal_attention"]

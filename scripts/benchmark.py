@@ -3,6 +3,7 @@ configuration, measured in the same run.
 
     python scripts/benchmark.py                                   # CPU: configs/rear_tiny.yaml, in seconds
     python scripts/benchmark.py config=configs/rear_l.yaml --device cuda --batch-size 128 --compile --json l.json
+    python scripts/benchmark.py config=configs/rear_b_alitok.yaml --device cuda   # any backbone
 
 Training: `utils.training.step.train_step` (the step scripts/train_rear.py runs: the objective at r = 1, backward,
 gradient clipping, AdamW, the lr schedule) on random tokens, with the optimizer of `build_optimizer`:
@@ -11,16 +12,18 @@ gradient clipping, AdamW, the lr schedule) on random tokens, with the optimizer 
   --compile, and the row says so);
 - ours: SDPA with is_causal, autocast in --dtype, fused AdamW; with --compile also torch.compile of the model;
 - extra: a dense float (L, L) mask in fp32, eager (rules out the flash kernel), for reference.
-Reported: samples/s, image tokens/s, MFU (model FLOPs, counted from the architecture, over the device's peak
-dense bf16 FLOP/s; n/a on a CPU) and peak memory (CUDA: max allocated; CPU: the process's max RSS so far).
+Reported: samples/s, image tokens/s, MFU (model FLOPs, counted from one forward of the backbone, over the device's
+peak dense bf16 FLOP/s; n/a on a CPU) and peak memory (CUDA: max allocated; CPU: the process's max RSS so far).
 
-Sampling, images/s at --batch-size with the config's guidance scale (CFG: 2 x batch rows):
-- plain: `ReAR.generate(kv_cache=False)`, the original's recomputation of the whole prefix at every step, fp32;
-- `ReAR.generate` with its KV cache; `FastSampler` eager; on CUDA also replayed from a CUDA graph, and with
-  --compile torch.compile'd (then captured); these in --dtype;
+Sampling, images/s at --batch-size with the config's guidance settings (CFG: 2 x batch rows):
+- plain: `generate(kv_cache=False)`, the originals' recomputation of the whole prefix at every step, fp32;
+- `generate` with its KV cache; `FastSampler` eager; on CUDA also replayed from a CUDA graph, and with
+  --compile torch.compile'd (then captured); these in --dtype. The fast sampler serves the rar backbone (with
+  RAR's guidance schedule) only: for the others the output says so, and the KV-cached loop is "ours";
 - end to end, the tokens decoded to images by a random-weight MaskGIT-VQGAN (the released size on CUDA, a
   tiny one on a CPU): plain = plain tokens + one fp32 decode of the whole batch (timed separately and added);
-  ours = the fastest FastSampler + `decode_in_batches` in --dtype, timed together.
+  ours = the fastest sampler + `decode_in_batches` in --dtype, timed together (skipped, with the reason, where the
+  stand-in cannot decode the config's tokens, e.g. AliTok's 273).
 Every speed-up is a ratio of two numbers from this one run, on this one device.
 """
 
@@ -37,7 +40,8 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -51,9 +55,10 @@ from accelerate.state import AcceleratorState  # noqa: E402
 from modeling import build_generator  # noqa: E402
 from modeling.fast_sampler import FastSampler, decode_in_batches  # noqa: E402
 from modeling.objective import Objective  # noqa: E402
-from modeling.rear import ReAR  # noqa: E402
+from modeling.sampler import SamplingOptions, why_not_fast  # noqa: E402
 from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN  # noqa: E402
-from utils.cli import Script, flag_parser, run  # noqa: E402
+from utils.cli import Script, flag_parser, positive_int, run, torch_device  # noqa: E402
+from utils.files import atomic_open  # noqa: E402
 from utils.training.optim import build_optimizer, build_scheduler  # noqa: E402
 from utils.training.step import make_accelerator, train_step  # noqa: E402
 
@@ -119,22 +124,35 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------------------- model FLOPs
-def linear_macs(module: nn.Module) -> int:
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+def forward_flops_per_sample(model: nn.Module) -> int:
+    """Model FLOPs of one sample's teacher-forced forward, as training runs it (any backbone): 2 per
+    multiply-accumulate of every Linear at every position it runs on, plus causal attention's QK^T and AV (position
+    i attends to i+1 keys). Counted while the model runs once on the meta device (`model` must be there: no memory,
+    no arithmetic), so each backbone's layout counts as it runs. Embedding look-ups and norms count 0."""
+    macs = 0
+    sdpa = F.scaled_dot_product_attention
 
+    def count_linear(module: nn.Linear, inputs, output) -> None:
+        nonlocal macs
+        macs += inputs[0].numel() // module.in_features * module.in_features * module.out_features
 
-def forward_flops_per_sample(model: ReAR) -> int:
-    """Model FLOPs of one teacher-forced forward over the N+2 positions of a sample: 2 per multiply-accumulate
-    of every Linear at every position it runs on (the head on the N predicting positions), plus causal
-    attention's QK^T and AV (position i attends to i+1 keys). Embedding look-ups and norms count 0."""
-    n = model.image_seq_len
-    length = n + 2
-    blocks = sum(linear_macs(block) for block in model.blocks) * length
-    attention = len(model.blocks) * 2 * model.hidden_size * length * (length + 1) // 2
-    head = (linear_macs(model.adaln_before_head) + linear_macs(model.lm_head)) * n
-    alignment = sum(linear_macs(getattr(model, name)) * length
-                    for name in ("encode_align_mlp", "decode_align_mlp") if hasattr(model, name))
-    return 2 * (blocks + attention + head + alignment)
+    def counted_attention(q, k, v, *args, is_causal=False, **kwargs):
+        nonlocal macs
+        length, keys = q.shape[-2], k.shape[-2]
+        pairs = length * (length + 1) // 2 if is_causal else length * keys
+        macs += 2 * q.shape[:-2].numel() * q.shape[-1] * pairs
+        return sdpa(q, k, v, *args, is_causal=is_causal, **kwargs)
+
+    hooks = [m.register_forward_hook(count_linear) for m in model.modules() if isinstance(m, nn.Linear)]
+    F.scaled_dot_product_attention = counted_attention
+    try:
+        tokens = torch.zeros(1, model.image_seq_len, dtype=torch.long, device="meta")
+        model.train()(tokens, torch.zeros(1, dtype=torch.long, device="meta"))  # train: no id check on meta
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for hook in hooks:
+            hook.remove()
+    return 2 * macs
 
 
 # ----------------------------------------------------------------------------------------- the originals' attention
@@ -209,7 +227,7 @@ def measure_training(config, args, device, variant: TrainingVariant, batch_size:
     optimizer = build_optimizer(model, config, device, fused=variant.fused)
     scheduler = build_scheduler(optimizer, config)
     if variant.compile == "blocks":
-        for block in model.blocks:
+        for block in model.transformer_blocks:
             block.compile()
     step_model = torch.compile(model) if variant.compile == "model" else model
     vq, g = config.model.vq_model, config.model.generator
@@ -277,9 +295,10 @@ def fast_sampler_variants(args, device: torch.device):
 
 
 def measure_sampling(config, args, device, dtype) -> Dict:
-    g = config.model.generator
-    settings = dict(guidance_scale=g.guidance_scale, guidance_scale_pow=g.guidance_scale_pow,
-                    temperature=g.randomize_temperature)
+    g, options = config.model.generator, SamplingOptions.from_config(config)
+    settings = dict(guidance_scale=options.guidance_scale, guidance_scale_pow=options.guidance_scale_pow,
+                    temperature=options.temperature)
+    loop_settings = {**settings, **options.guidance()}
     torch.manual_seed(0)
     model = build_generator(config).to(device).eval()
     classes = torch.arange(args.batch_size, device=device) % g.condition_num_classes
@@ -299,33 +318,53 @@ def measure_sampling(config, args, device, dtype) -> Dict:
         results[key] = {"description": description, "seconds_per_batch": seconds,
                         "images_per_s": args.batch_size / seconds, "peak_memory_mb": peak_memory_mb(device)}
 
-    with autocast(device, dtype):
-        run("kv_cache", f"ReAR.generate: KV cache, {args.dtype}", lambda: model.generate(classes, **settings))
-    fastest = None  # (key, sampler): only the fastest sampler is kept, each holds its own buffers
-    for key, description, compile, graph in fast_sampler_variants(args, device):
+    def cached_loop():
+        with autocast(device, dtype):
+            return model.generate(classes, **loop_settings)
+
+    run("kv_cache", f"generate: KV cache, {args.dtype}", cached_loop)
+    # The backbone's (and these settings') fast sampler, or why there is none.
+    not_fast = why_not_fast(model, replace(options, sampler="fast", kv_cache=True))
+    fast_variants = fast_sampler_variants(args, device) if not_fast is None else []
+    fastest = ("kv_cache", cached_loop)  # only the fastest sampler is kept: each holds its own buffers
+    for key, description, compile, graph in fast_variants:
         sampler = FastSampler(model, args.batch_size, g.guidance_scale != 0, dtype, compile=compile, cuda_graph=graph)
         run(key, description, lambda: sampler.generate(classes, **settings))
-        if fastest is None or results[key]["images_per_s"] > results[fastest[0]]["images_per_s"]:
-            fastest = key, sampler
+        if results[key]["images_per_s"] > results[fastest[0]]["images_per_s"]:
+            fastest = key, partial(sampler.generate, classes, **settings)
         del sampler
     run("plain", "plain: no KV cache (recomputes the prefix), fp32",
-        lambda: model.generate(classes, **settings, kv_cache=False), warmup=False, repeats=args.plain_repeats)
+        lambda: model.generate(classes, **loop_settings, kv_cache=False), warmup=False, repeats=args.plain_repeats)
     for key, entry in results.items():
         entry["speedup"] = entry["images_per_s"] / results["plain"]["images_per_s"]
         if key.startswith("fast"):  # the same seed: the same tokens, where both ran in fp32
             same = bool(torch.equal(tokens[key], tokens["plain"]))
             entry["same_tokens_as_plain"] = same if args.dtype == "fp32" else None
-    order = ["plain", "kv_cache"] + [key for key, *_ in fast_sampler_variants(args, device)]
+    order = ["plain", "kv_cache"] + [key for key, *_ in fast_variants]
     end_to_end = measure_end_to_end(config, args, device, dtype, results["plain"]["seconds_per_batch"], tokens["plain"],
-                                    lambda: fastest[1].generate(classes, **settings), fastest[0])
-    return {"settings": settings, "variants": {key: results[key] for key in order}, "end_to_end": end_to_end}
+                                    *fastest[::-1])
+    return {"settings": loop_settings, "fast_sampler": not_fast, "variants": {key: results[key] for key in order},
+            "end_to_end": end_to_end}
+
+
+def stand_in_decoder_misfit(config, kind: str) -> Optional[str]:
+    """Why the MaskGIT-VQGAN stand-in cannot decode this config's tokens (None when it can)."""
+    vq, n = config.model.vq_model, config.model.generator.image_seq_len
+    if kind == "released" and (n, vq.codebook_size) != (256, 1024):
+        return f"the released MaskGIT-VQGAN decodes 256 tokens of 1024 codes, not {n} of {vq.codebook_size}"
+    if math.isqrt(n) ** 2 != n:
+        return f"the MaskGIT-VQGAN stand-in decodes a square grid of tokens, not {n}"
+    return None
 
 
 def measure_end_to_end(config, args, device, dtype, plain_seconds: float, plain_tokens, fastest: Callable,
                        fastest_key: str) -> Dict:
     """Images/s from class labels to images: plain = the plain sampler's time + one fp32 decode of the whole batch;
-    ours = the fastest FastSampler and `decode_in_batches` in --dtype, timed together."""
+    ours = the fastest sampler and `decode_in_batches` in --dtype, timed together."""
     kind = args.vqgan or ("released" if device.type == "cuda" else "tiny")
+    misfit = stand_in_decoder_misfit(config, kind)
+    if misfit:
+        return {"vqgan": kind, "skipped": misfit}
     tokenizer = MaskGITVQGAN(None if kind == "released" else tiny_vqgan_config(config)).to(device)
     tokenizer.decode_tokens(plain_tokens[:1])  # warm-up
     plain = plain_seconds + timed(lambda: tokenizer.decode_tokens(plain_tokens), device)
@@ -355,7 +394,8 @@ def report(result: Dict) -> str:
     m, meta = result["model"], result["meta"]
     peak = f"{m['peak_flops'] / 1e12:.0f} TFLOP/s" if m["peak_flops"] else "unknown (MFU n/a)"
     lines = [
-        f"reAR benchmark {meta['date']}: {meta['config']}, batch {meta['batch_size']}, ours in {meta['dtype']}",
+        f"reAR benchmark {meta['date']}: {meta['config']} ({meta['backbone']} backbone), batch {meta['batch_size']}, "
+        f"ours in {meta['dtype']}",
         f"device: {meta['device']} ({meta['device_name']}), torch {meta['torch']}, python {meta['python']}",
         f"model: {m['parameters'] / 1e6:.2f}M parameters; model FLOPs per image token: forward "
         f"{m['forward_flops_per_token'] / 1e6:.2f}M, training step {m['training_flops_per_token'] / 1e6:.2f}M; "
@@ -381,26 +421,33 @@ def report(result: Dict) -> str:
             same = {True: "yes", False: "NO", None: ""}[v.get("same_tokens_as_plain")]
             lines.append(f"  {v['description']:<52}{v['images_per_s']:>10.1f}{v['peak_memory_mb']:>9.0f}"
                          f"{v['speedup']:>9.2f}x  {same}")
+        if s["fast_sampler"]:
+            lines.append(f"  (no fast sampler: {s['fast_sampler']})")
         lines += ["", f"sampling, end to end (tokens + {e['vqgan']} MaskGIT-VQGAN decode)"]
-        for key in ("plain", "ours"):
-            lines.append(f"  {e[key]['description']:<71}{e[key]['images_per_s']:>10.1f}")
-        lines.append(f"  speed-up {e['speedup']:.2f}x")
+        if "skipped" in e:
+            lines.append(f"  skipped: {e['skipped']}")
+        else:
+            for key in ("plain", "ours"):
+                lines.append(f"  {e[key]['description']:<71}{e[key]['images_per_s']:>10.1f}")
+            lines.append(f"  speed-up {e['speedup']:.2f}x")
     return "\n".join(lines)
 
 
 FLAGS = flag_parser()
-FLAGS.add_argument("--batch-size", type=int, default=128, help="training and sampling batch (CFG: twice the rows)")
-FLAGS.add_argument("--steps", type=int, default=10, help="timed training steps per variant")
-FLAGS.add_argument("--repeats", type=int, default=3, help="timed sampling batches per variant")
-FLAGS.add_argument("--plain-repeats", type=int, default=1, help="timed batches of the (slow) plain sampler")
-FLAGS.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-FLAGS.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+FLAGS.add_argument("--batch-size", type=positive_int, default=128,
+                   help="training and sampling batch (CFG: twice the rows)")
+FLAGS.add_argument("--steps", type=positive_int, default=10, help="timed training steps per variant")
+FLAGS.add_argument("--repeats", type=positive_int, default=3, help="timed sampling batches per variant")
+FLAGS.add_argument("--plain-repeats", type=positive_int, default=1, help="timed batches of the (slow) plain sampler")
+FLAGS.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda")
+FLAGS.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch.set_num_threads)")
 FLAGS.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="ours: default bf16 on CUDA, fp32 on CPU")
 FLAGS.add_argument("--compile", action="store_true", help="also torch.compile (training, decode step)")
 FLAGS.add_argument("--skip-training", action="store_true", help="sampling only")
 FLAGS.add_argument("--skip-sampling", action="store_true", help="training only")
 FLAGS.add_argument("--vqgan", choices=["released", "tiny"], help="default: released on CUDA, tiny on CPU")
-FLAGS.add_argument("--decode-batch-size", type=int, default=32, help="VQGAN decode chunk")
+FLAGS.add_argument("--decode-batch-size", type=positive_int, default=32, help="VQGAN decode chunk")
 FLAGS.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of an unlisted GPU")
 FLAGS.add_argument("--json", default=None, help="write the results here")
 
@@ -426,13 +473,14 @@ def main(config, args, argv=None) -> Dict:
     if device.type == "cuda":  # as the training script does; plain fp32 matmuls run in TF32 too
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.training.enable_tf32
     with torch.device("meta"):
-        model = ReAR(config)
+        model = build_generator(config)
     forward = forward_flops_per_sample(model) / model.image_seq_len
     result: Dict = {
         "meta": {
             "date": datetime.date.today().isoformat(),
             "command": " ".join(["scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
-            "config": f"{config.experiment.name}", "batch_size": args.batch_size, "steps": args.steps,
+            "config": f"{config.experiment.name}", "backbone": config.model.generator.backbone,
+            "batch_size": args.batch_size, "steps": args.steps,
             "dtype": args.dtype,
             "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
             "python": platform.python_version(), "tf32": device.type == "cuda" and config.training.enable_tf32,
@@ -450,7 +498,8 @@ def main(config, args, argv=None) -> Dict:
         result["sampling"] = measure_sampling(config, args, device, dtype)
     print(report(result))
     if args.json:
-        with open(args.json, "w") as f:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with atomic_open(args.json) as f:
             json.dump(result, f, indent=2)
     return result
 

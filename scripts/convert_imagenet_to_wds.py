@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tqdm.auto import tqdm  # noqa: E402
 
-from utils.cli import Script, flag_parser, run  # noqa: E402
+from utils.cli import Script, flag_parser, positive_int, run  # noqa: E402
 from utils.data.images import list_image_folder  # noqa: E402
-from utils.errors import UsageError  # noqa: E402
+from utils.files import atomic_path, remove_temporaries_of  # noqa: E402
 
 
 def write_split(root: str, split: str, output_dir: str, maxcount: int, seed: int) -> int:
@@ -30,13 +30,18 @@ def write_split(root: str, split: str, output_dir: str, maxcount: int, seed: int
     items, _ = list_image_folder(os.path.join(root, split))
     if split == "train":
         random.Random(seed).shuffle(items)
-    os.makedirs(os.path.join(output_dir, split), exist_ok=True)
-    pattern = os.path.join(output_dir, split, f"imagenet-{split}-%04d.tar")
-    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
-        for index, (path, label) in enumerate(tqdm(items, desc=split, unit="img")):
-            key = "png" if path.lower().endswith(".png") else "jpg"
-            with open(path, "rb") as f:
-                sink.write({"__key__": f"{split}_{index:08d}", key: f.read(), "cls": label})
+    final = os.path.join(output_dir, split)
+    os.makedirs(output_dir, exist_ok=True)
+    remove_temporaries_of(final)  # of a run killed while writing this split
+    # The split's folder appears complete or not at all: a killed run leaves no truncated shard to train on.
+    with atomic_path(final) as tmp:
+        os.makedirs(tmp)
+        pattern = os.path.join(tmp, f"imagenet-{split}-%04d.tar")
+        with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
+            for index, (path, label) in enumerate(tqdm(items, desc=split, unit="img")):
+                key = "png" if path.lower().endswith(".png") else "jpg"
+                with open(path, "rb") as f:
+                    sink.write({"__key__": f"{split}_{index:08d}", key: f.read(), "cls": label})
     return len(items)
 
 
@@ -44,7 +49,7 @@ FLAGS = flag_parser()
 FLAGS.add_argument("--imagenet_dir", required=True, help="folder holding <split>/<synset>/<image>")
 FLAGS.add_argument("--output_dir", required=True, help="where <split>/imagenet-<split>-NNNN.tar go")
 FLAGS.add_argument("--splits", nargs="+", default=["train", "val"], help="splits to convert")
-FLAGS.add_argument("--maxcount", type=int, default=5065, help="images a shard")
+FLAGS.add_argument("--maxcount", type=positive_int, default=5065, help="images a shard")
 FLAGS.add_argument("--seed", type=int, default=0, help="shuffle of the train split")
 
 SCRIPT = Script(
@@ -58,9 +63,10 @@ SCRIPT = Script(
 
 
 def main(config, args) -> None:
-    if args.maxcount < 1:
-        raise UsageError(f"--maxcount must be at least 1, got {args.maxcount}")
     for split in args.splits:
+        if os.path.isdir(os.path.join(args.output_dir, split)):
+            print(f"{os.path.join(args.output_dir, split)} exists: kept (delete it to convert {split} again)")
+            continue
         count = write_split(args.imagenet_dir, split, args.output_dir, args.maxcount, args.seed)
         shards = -(-count // args.maxcount)
         print(f"{split}: {count} images in {shards} shards under {os.path.join(args.output_dir, split)}")

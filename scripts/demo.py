@@ -1,10 +1,13 @@
-"""Generate a labelled grid of ImageNet classes with a released reAR generator.
+"""Generate a labelled grid of ImageNet classes with a released reAR generator, or with any config's generator.
 
     python scripts/demo.py --model reAR-S --classes 1 7 282 --out grid.png
+    python scripts/demo.py config=configs/ar_b_alitok.yaml --generator alitok_b.bin --tokenizer AliTok.pth
 
 Fetches the generator (Hugging Face Hub qyoo/reAR) and the MaskGIT-VQGAN tokenizer (fun-research/TiTok), or
-reads local copies given with --generator PATH --tokenizer PATH. Guidance, temperature and top-k / top-p default
-to the model's released settings; `config=FILE` and `key.sub=value` overrides work as in every script.
+reads local copies given with --generator PATH --tokenizer PATH. With `config=FILE` (any backbone) the weights are
+--generator / --tokenizer, else the config's experiment.generator_checkpoint / tokenizer weights. Guidance,
+temperature and top-k / top-p default to the model's released settings; `key.sub=value` overrides work as in every
+script.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a clone, uninstalled
 
 from modeling import build_tokenizer, load_generator  # noqa: E402
-from modeling.sampler import SamplingOptions, sample_images, to_uint8  # noqa: E402
-from utils.cli import Script, flag_parser, run  # noqa: E402
+from modeling.sampler import SamplingOptions, sample_images  # noqa: E402
+from modeling.tokenizers import decoded_to_uint8  # noqa: E402
+from utils.cli import Script, flag_parser, positive_int, run, torch_device  # noqa: E402
 from utils.errors import MissingWeightsError, UsageError  # noqa: E402
 from utils.grids import class_caption, labelled_grid, save_png  # noqa: E402
 from utils.weights import GENERATOR_FILENAMES, TOKENIZER_FILENAME, resolve_weights  # noqa: E402
@@ -40,13 +44,15 @@ FLAGS.add_argument("--temperature", type=float, help="default: the model's relea
 FLAGS.add_argument("--top-k", type=int, help="keep the k most likely tokens")
 FLAGS.add_argument("--top-p", type=float, help="keep the smallest set of tokens with this probability mass")
 FLAGS.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: CUDA only (default sampling.precision)")
-FLAGS.add_argument("--columns", type=int, default=8, help="images per row")
-FLAGS.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+FLAGS.add_argument("--columns", type=positive_int, default=8, help="images per row")
+FLAGS.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda")
 
 SCRIPT = Script(
     usage="python scripts/demo.py [config=FILE.yaml] [key.sub=value ...] [--model reAR-S] [--classes ...] "
           "[--out grid.png] [--generator PATH --tokenizer PATH]",
-    summary="A labelled grid of ImageNet classes from a released reAR generator (weights from the Hub, or local).",
+    summary="A labelled grid of ImageNet classes from a released reAR generator (weights from the Hub, or local), "
+            "or from the generator of any config= (any backbone).",
     example="python scripts/demo.py --model reAR-S --classes 1 7 282 --out grid.png",
     sections=("sampling.guidance_scale", "sampling.guidance_scale_pow", "sampling.temperature", "sampling.top_k",
               "sampling.top_p", "sampling.precision"),
@@ -73,8 +79,14 @@ def main(config, flags) -> None:
     bad = [c for c in flags.classes if not 0 <= c < num_classes]
     if bad:
         raise UsageError(f"--classes: {bad[0]} is not a class id of this model (0..{num_classes - 1})")
+    generator = flags.generator or config.experiment.generator_checkpoint
+    if generator is None:  # --model names reAR's released files: the rar backbone's
+        if config.model.generator.backbone != "rar":
+            raise UsageError(f"this config's {config.model.generator.backbone} generator has no weights named: pass "
+                             "--generator PATH (or experiment.generator_checkpoint=PATH)")
+        generator = GENERATOR_FILENAMES[flags.model]
     generator_path, tokenizer_path = fetch_weights(
-        flags.generator or config.experiment.generator_checkpoint or GENERATOR_FILENAMES[flags.model],
+        generator,
         flags.tokenizer or config.experiment.tokenizer_checkpoint or config.model.vq_model.pretrained_tokenizer_weight,
     )
     config.experiment.tokenizer_checkpoint = tokenizer_path
@@ -82,12 +94,12 @@ def main(config, flags) -> None:
         if getattr(flags, key) is not None:
             config.sampling[key] = getattr(flags, key)
     device = torch.device(flags.device)
+    tokenizer = build_tokenizer(config).to(device).eval()  # first: a config that does not describe it fails here
     generator = load_generator(config, generator_path).to(device)
-    tokenizer = build_tokenizer(config).to(device).eval()
     options = SamplingOptions.from_config(config)
     class_ids = torch.tensor(flags.classes, device=device)
     torch.manual_seed(flags.seed)  # as `torch.manual_seed(seed); generator.generate(...)` in a script
-    images = to_uint8(sample_images(generator, tokenizer, class_ids, options))
+    images = decoded_to_uint8(sample_images(generator, tokenizer, class_ids, options), tokenizer)
     save_png(labelled_grid(images, [class_caption(c, num_classes) for c in flags.classes], flags.columns), flags.out)
     print(f"wrote {flags.out}: classes {flags.classes}, seed {flags.seed}, {options}")
 

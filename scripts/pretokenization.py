@@ -27,11 +27,20 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modeling import build_tokenizer  # noqa: E402
-from utils.cli import Script, flag_parser, run  # noqa: E402
-from utils.data.images import center_crop_arr, list_image_folder, load_rgb, ten_crops, to_tensor  # noqa: E402
+from utils.cli import Script, flag_parser, non_negative_int, positive_int, run  # noqa: E402
+from utils.config import to_container  # noqa: E402
+from utils.data.images import (  # noqa: E402
+    center_crop_arr,
+    decode_problem,
+    list_image_folder,
+    load_rgb,
+    ten_crops,
+    to_tensor,
+)
 from utils.data.loader import expand_shards  # noqa: E402
-from utils.errors import DataError  # noqa: E402
-from utils.files import atomic_open  # noqa: E402
+from utils.errors import DataError, OutputError  # noqa: E402
+from utils.files import atomic_open, remove_temporaries_of, write_json  # noqa: E402
+from utils.weights import describe_file  # noqa: E402
 
 CROPS_PER_IMAGE = {"center": 1, "flip": 2, "ten_crop": 10}
 
@@ -40,8 +49,9 @@ FLAGS = flag_parser()
 FLAGS.add_argument("--data", required=True, help="image folder (root/<class>/<image>) or a shard pattern (.tar)")
 FLAGS.add_argument("--output", required=True, help="the JSON Lines file to write")
 FLAGS.add_argument("--augment", choices=sorted(CROPS_PER_IMAGE), default="ten_crop", help="crops per image")
-FLAGS.add_argument("--batch_size", type=int, default=64, help="images per tokenizer batch and process")
-FLAGS.add_argument("--num_workers", type=int, default=8, help="image-decoding workers per process (folders)")
+FLAGS.add_argument("--batch_size", type=positive_int, default=64, help="images per tokenizer batch and process")
+FLAGS.add_argument("--num_workers", type=non_negative_int, default=8,
+                   help="image-decoding workers per process (folders; 0: in the main process)")
 
 SCRIPT = Script(
     usage="torchrun --nproc_per_node=K scripts/pretokenization.py config=FILE.yaml --data DIR_OR_SHARDS "
@@ -77,7 +87,7 @@ class FolderImages(torch.utils.data.Dataset):
         try:
             return crops(load_rgb(data), self.size, self.augment), label
         except Exception as err:  # a corrupt or truncated image: name it, whatever the decoder raised
-            raise DataError(f"{path}: cannot decode the image ({type(err).__name__}: {err})") from None
+            raise DataError(f"{path}: cannot decode the image ({decode_problem(err)})") from None
 
 
 class ShardImages(torch.utils.data.IterableDataset):
@@ -100,7 +110,7 @@ class ShardImages(torch.utils.data.IterableDataset):
             return crops(load_rgb(sample[image_key]), self.size, self.augment), int(sample["cls"])
         except Exception as err:  # a corrupt member: name the shard and the key, whatever the decoder raised
             raise DataError(f"shard {sample.get('__url__', '?')} member {sample.get('__key__', '?')}: cannot decode "
-                            f"({type(err).__name__}: {err})") from None
+                            f"({decode_problem(err)})") from None
 
 
 def resume_part(path: str, lines_per_image: int) -> int:
@@ -121,6 +131,35 @@ def resume_part(path: str, lines_per_image: int) -> int:
     return images
 
 
+def settings_of(config, args) -> dict:
+    """What the lines of a part depend on (the tokenizer weights by path and size): a resumed part must not mix
+    the tokens of two tokenizers, or of two data sets."""
+    weights = config.experiment.tokenizer_checkpoint or config.model.vq_model.pretrained_tokenizer_weight
+    return {"data": os.path.abspath(args.data), "augment": args.augment,
+            "crop_size": config.dataset.preprocessing.crop_size, "tokenizer": to_container(config.model.vq_model),
+            "tokenizer_checkpoint": describe_file(weights)}
+
+
+def record_path(part: str) -> str:
+    return part + ".settings.json"
+
+
+def check_settings(part: str, settings: dict) -> None:
+    """A part that already holds images must have been made with `settings`: else its lines and the new ones
+    would end up in one file."""
+    try:
+        with open(record_path(part)) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        raise OutputError(f"{part} holds images but no readable record of the settings that made them "
+                          f"({record_path(part)}); delete it to tokenize again") from None
+    differ = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+    if differ:
+        changes = ", ".join(f"{k}: {recorded.get(k)!r} (there) vs {settings.get(k)!r} (now)" for k in differ)
+        raise OutputError(f"{part} holds images made with other settings ({changes}); rerun with those, "
+                          "or delete it (and its .settings.json) to tokenize again")
+
+
 def merge_parts(parts: List[str], output: str) -> None:
     with atomic_open(output, "wb") as out:
         for part in parts:
@@ -128,8 +167,8 @@ def merge_parts(parts: List[str], output: str) -> None:
                 while chunk := f.read(1 << 24):
                     out.write(chunk)
     for part in parts:
-        os.remove(part)
-        os.remove(part + ".done")
+        for leftover in (part, part + ".done", record_path(part)):
+            os.remove(leftover)
 
 
 def main(config, args) -> None:
@@ -145,31 +184,48 @@ def main(config, args) -> None:
     size, per_image = config.dataset.preprocessing.crop_size, CROPS_PER_IMAGE[args.augment]
     part = parts[rank]
 
-    done = resume_part(part, per_image) if not os.path.isfile(part + ".done") else None
-    if done is not None:
+    complete = os.path.isfile(part + ".done")
+    done = None if complete else resume_part(part, per_image)
+    settings = settings_of(config, args)
+    if complete or done:
+        check_settings(part, settings)
+    if not complete:
         # The tokenizer and the images are found before anything is written.
         tokenizer = build_tokenizer(config).to(device)
         if os.path.isdir(args.data):
             items = list_image_folder(args.data)[0][rank::world]
             dataset, total, workers = FolderImages(items[done:], size, args.augment), len(items), args.num_workers
-        else:  # read in order by this process alone, so that a resumed run can count what to skip
-            shards = expand_shards(args.data)[rank::world]
+        elif ".tar" in args.data:  # read in order by this process alone, so that a resumed run counts what to skip
+            shards = expand_shards(args.data, "--data")[rank::world]
             dataset, total, workers = ShardImages(shards, size, args.augment, done), None, 0
+        else:
+            raise DataError(f"--data {args.data}: no such image folder (root/<class>/<image>) or .tar shard pattern")
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        progress = tqdm(total=total, initial=done, unit="img", disable=rank != 0, desc="pre-tokenizing")
-        with open(part, "a") as out, torch.no_grad():
-            for images, labels in loader:
-                tokens = tokenizer.encode(images.flatten(0, 1).to(device)).cpu().tolist()
-                classes = labels.repeat_interleave(per_image).tolist()
-                out.write("".join(json.dumps({"class_id": c, "tokens": t}) + "\n" for c, t in zip(classes, tokens)))
-                out.flush()
-                progress.update(len(labels))
-        progress.close()
+        remove_temporaries_of(record_path(part))  # of a killed run
+        write_json(record_path(part), settings)  # the same, or those of a part with no images yet
+        try:
+            with open(part, "a") as out, torch.no_grad(), tqdm(
+                total=total, initial=done, unit="img", disable=rank != 0, desc="pre-tokenizing"
+            ) as progress:
+                for images, labels in loader:
+                    tokens = tokenizer.encode(images.flatten(0, 1).to(device)).cpu().tolist()
+                    classes = labels.repeat_interleave(per_image).tolist()
+                    out.write("".join(json.dumps({"class_id": c, "tokens": t}) + "\n"
+                                      for c, t in zip(classes, tokens)))
+                    out.flush()
+                    progress.update(len(labels))
+        except BaseException:
+            if not os.path.isfile(part) or os.path.getsize(part) == 0:  # failed before its first images:
+                for leftover in (part, record_path(part)):  # leave nothing behind
+                    if os.path.exists(leftover):
+                        os.remove(leftover)
+            raise
         open(part + ".done", "w").close()
     if world > 1:
         dist.barrier()
     if rank == 0:
+        remove_temporaries_of(args.output)  # of a run killed while merging
         merge_parts(parts, args.output)
         print(f"wrote {args.output}")
     if world > 1:

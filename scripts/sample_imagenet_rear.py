@@ -22,7 +22,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
 
 from modeling import build_tokenizer, load_generator  # noqa: E402
-from modeling.sampler import SamplingOptions, effective_precision, generate_tokens, to_uint8  # noqa: E402
+from modeling.sampler import SamplingOptions, effective_precision, generate_tokens  # noqa: E402
+from modeling.tokenizers import decoded_to_uint8  # noqa: E402
 from utils.cli import Script, run  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
 from utils.fid_samples.run import class_labels, make_shards, merge_shards, npz_path, prepare_sample_dir  # noqa: E402
@@ -85,7 +86,7 @@ def sample_batch(generator, tokenizer, options: SamplingOptions, class_ids: torc
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=options.precision == "bf16"
                                           and class_ids.device.type == "cuda"):
         images = tokenizer.decode_tokens(tokens)
-    return to_uint8(images), tokens.to("cpu", torch.int32).numpy()
+    return decoded_to_uint8(images, tokenizer), tokens.to("cpu", torch.int32).numpy()
 
 
 def settings_of(config, options: SamplingOptions, device: torch.device) -> dict:
@@ -117,9 +118,10 @@ def main(config, flags=None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     options = SamplingOptions.from_config(config)
-    # (under torchrun, a rank that fails here ends the whole group)
-    generator = load_generator(config, config.experiment.generator_checkpoint).to(device)
+    # (under torchrun, a rank that fails here ends the whole group). The tokenizer first: a config that does not
+    # describe it fails on that, not on the generator weights' shapes.
     tokenizer = build_tokenizer(config).to(device).eval()
+    generator = load_generator(config, config.experiment.generator_checkpoint).to(device)
     # Only now, with the models loaded, is the folder made: a run that fails at start-up leaves nothing behind.
     complete = on_rank0_first(lambda: prepare_sample_dir(sample_dir, settings_of(config, options, device)), rank)
     if complete:

@@ -41,7 +41,7 @@ from utils.training.logging import MetricWindow, log_grid, start_trackers, track
 from utils.training.optim import build_optimizer, build_scheduler  # noqa: E402
 from utils.training.resume import (  # noqa: E402
     NonFiniteError,
-    clean_checkpoint_folder,
+    clean_output_folder,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -52,7 +52,6 @@ from utils.training.resume import (  # noqa: E402
     write_training_state,
 )
 from utils.training.step import batch_tokens, make_accelerator, train_step  # noqa: E402
-from utils.weights import load_checked, load_state_dict_file, resolve_weights  # noqa: E402
 
 SCRIPT = Script(
     usage="python scripts/train_rear.py config=FILE.yaml [key.sub=value ...]   (or under accelerate launch / torchrun)",
@@ -76,9 +75,10 @@ def main(config, flags=None) -> dict:
     toy = config.dataset.name == "toy"
     tokenizer = build_tokenizer(config, fit_images=tokenizer_fit_images(config) if toy else None).to(device)
     generator = build_generator(config).to(device)
-    if config.experiment.init_weight:
+    if config.experiment.init_weight:  # e.g. a released backbone (AliTok-B) to train reAR's heads on top of
         init = config.experiment.init_weight
-        load_checked(generator, load_state_dict_file(resolve_weights(init)), f"experiment.init_weight {init}")
+        generator.load_weights_file(init, f"experiment.init_weight {init}", "experiment.init_weight=PATH",
+                                    new_heads=True)
     with accelerator.main_process_first():  # the main process converts a JSONL file once; the others reuse it
         dataset = training_dataset(config, tokenizer)
     if list_checkpoints(out) and not config.experiment.resume:
@@ -94,11 +94,13 @@ def main(config, flags=None) -> dict:
 
     if accelerator.is_main_process:
         os.makedirs(out, exist_ok=True)
-        clean_checkpoint_folder(out)
+        clean_output_folder(out)
         with atomic_open(os.path.join(out, "config.yaml")) as f:
             f.write(to_yaml(config))
     with accelerator.main_process_first():  # the main process sets damaged checkpoints aside first
-        checkpoint = latest_checkpoint(out, warn=accelerator.print)
+        checkpoint = latest_checkpoint(out, warn=lambda message: accelerator.print(message, file=sys.stderr))
+        if accelerator.is_main_process:  # a kill between a save and its pruning left one checkpoint too many
+            prune_checkpoints(out, config.experiment.keep_last_checkpoints)
     # The data iterator is made before the random state is set (or restored): making it draws from it.
     state = read_train_state(checkpoint) if checkpoint else {"step": 0, "samples_seen": 0}
     step, samples_seen = state["step"], state["samples_seen"]
@@ -121,7 +123,7 @@ def main(config, flags=None) -> dict:
     window_start = (time.time(), step)
 
     def next_batch():
-        return batch_tokens(next(data), tokenizer, device)
+        return batch_tokens(next(data), tokenizer, device, config.model.generator.image_seq_len)
 
     while step < last_step:
         grad_norms_due = (step + 1) % config.experiment.log_grad_norm_every == 0

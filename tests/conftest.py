@@ -33,8 +33,27 @@ def golden_generator(golden):
     return model.eval()
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a test that takes more than ~30 s (it still runs by default)")
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """A weights file in the released layout with random values: the real file cannot be downloaded here."""
+    directory = tmp_path_factory.mktemp("inception")
+    torch.save({}, directory / "empty.pth")
+    torch.manual_seed(0)
+    # torch-fidelity always loads a state dict; skipping that leaves the module's random initialisation.
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"):
+        net = FeatureExtractorInceptionV3("inception", ["2048"],
+                                          feature_extractor_weights_path=str(directory / "empty.pth"))
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            # He initialisation keeps activations O(1) through the network; the default one shrinks them to ~1e-8.
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = directory / "random-inception.pth"
+    torch.save(net.state_dict(), path)
+    return str(path)
 
 
 def prefixed(tensors, prefix):
@@ -58,3 +77,33 @@ def load_script(name):
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def server():
+    """Runs the entry points as the user does, each in its own process (tests/script_runner.py)."""
+    from script_runner import ScriptServer
+
+    server = ScriptServer()
+    yield server
+    server.close()
+
+
+# Markers: `slow` tests run by default (the whole suite stays within CI's 10 minutes); `cuda` tests need a GPU and
+# `campaign` tests are the long fault campaigns: both are deselected unless asked for with -m (e.g. -m cuda).
+OPT_IN_MARKERS = ("cuda", "campaign")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores (still run by default)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; run with `python -m pytest -m cuda tests`")
+    config.addinivalue_line("markers", "campaign: a long fault campaign; run with `python -m pytest -m campaign tests`")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("-m"):
+        return  # the marker expression chooses
+    opt_in = [item for item in items if any(item.get_closest_marker(m) for m in OPT_IN_MARKERS)]
+    if opt_in:
+        config.hook.pytest_deselected(items=opt_in)
+        items[:] = [item for item in items if item not in opt_in]

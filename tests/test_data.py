@@ -1,5 +1,6 @@
 """Training data: pre-tokenized JSONL → memory-mapped arrays, the resumable sampler, ADM crops."""
 
+import io
 import json
 import os
 
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from utils.data.loader import ResumableSampler, training_dataset
-from utils.data.images import center_crop_arr, ten_crops
+from utils.data.images import center_crop_arr, ten_crops, to_tensor
 from utils.config import load_config
 from utils.errors import DataError
 from utils.data.pretokenized import cache_path, open_pretokenized
@@ -158,10 +159,13 @@ def test_ten_crops_equal_torchvision_ten_crop():
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, reference))
 
 
-def test_shard_labels_beyond_the_model_are_errors():
-    from utils.data.loader import as_batch
+def test_shard_labels_beyond_the_model_are_errors_naming_the_member():
+    from utils.data.loader import DecodeSample
 
-    batch = as_batch((torch.zeros(2, 3, 4, 4), [3, 9]), num_classes=10)
-    assert batch["class_ids"].tolist() == [3, 9] and batch["images"].shape == (2, 3, 4, 4)
-    with pytest.raises(DataError, match=r"class id 12, outside \[0, 10\)"):
-        as_batch((torch.zeros(2, 3, 4, 4), [3, 12]), num_classes=10)
+    png = io.BytesIO()
+    checker_image(4, 4).save(png, format="PNG")
+    decode = DecodeSample(to_tensor, num_classes=10)
+    image, label = decode({"__url__": "a.tar", "__key__": "k1", "png": png.getvalue(), "cls": b"9"})
+    assert label == 9 and image.shape == (3, 4, 4)
+    with pytest.raises(DataError, match=r"^shard a.tar member k2: class id 12, outside \[0, 10\)"):
+        decode({"__url__": "a.tar", "__key__": "k2", "png": png.getvalue(), "cls": b"12"})

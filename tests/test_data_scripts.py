@@ -12,8 +12,10 @@ from PIL import Image
 
 from conftest import load_script
 from modeling.tokenizers import build_tokenizer
+from utils.cli import parse
 from utils.config import load_config
 from utils.data.images import center_crop_arr, ten_crops, to_tensor
+from utils.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "configs" / "rear_toy.yaml")
@@ -72,7 +74,13 @@ def test_pretokenization_writes_ten_crops_and_resumes(folder, tmp_path):
     full = output.read_bytes()
     output.unlink()
     torn = b"".join(full.splitlines(keepends=True)[:25]) + b'{"class_id": 0, "tok'
-    (tmp_path / "tokens.jsonl.part-0-of-1").write_bytes(torn)
+    part = tmp_path / "tokens.jsonl.part-0-of-1"
+    part.write_bytes(torn)
+    with pytest.raises(SystemExit):  # a part whose settings are unknown is not continued
+        call("pretokenization", args)
+    pretokenization = load_script("pretokenization")
+    settings = pretokenization.settings_of(*parse(args, pretokenization.SCRIPT))
+    write_json(pretokenization.record_path(str(part)), settings)
     call("pretokenization", args)
     assert output.read_bytes() == full
     assert sorted(os.listdir(tmp_path)) == ["tokens.jsonl"]

@@ -25,6 +25,7 @@ from evaluator.evaluation import evaluate
 from evaluator.features import WEIGHTS_FILE, InceptionFeatures
 from evaluator.metrics import compute_statistics, frechet_distance, inception_score, precision_recall
 from evaluator.npz import NpzImages
+from utils.errors import DataError
 
 ADM_ORDER = ["Inception Score", "FID", "sFID", "Precision", "Recall"]
 
@@ -191,7 +192,7 @@ def test_npz_images_reject_bad_input(tmp_path, arrays, message):
 
 
 def test_npz_images_reject_missing_and_non_npz_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(DataError, match="no such file"):
         NpzImages(tmp_path / "missing.npz")
     (tmp_path / "text.npz").write_text("not a zip")
     with pytest.raises(ValueError, match="not an .npz file"):
@@ -210,23 +211,6 @@ def test_npz_images_reject_truncated_compressed_data(tmp_path):
 # ------------------------------------------------------------------------------------- Inception features
 
 
-@pytest.fixture(scope="session")
-def random_inception_weights(tmp_path_factory):
-    """A weights file in the released layout with random values: the real file cannot be downloaded here."""
-    directory = tmp_path_factory.mktemp("inception")
-    torch.save({}, directory / "empty.pth")
-    torch.manual_seed(0)
-    # torch-fidelity always loads a state dict; skipping that leaves the module's random initialisation.
-    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"):
-        net = FeatureExtractorInceptionV3("inception", ["2048"],
-                                          feature_extractor_weights_path=str(directory / "empty.pth"))
-    for module in net.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            # He initialisation keeps activations O(1) through the network; the default one shrinks them to ~1e-8.
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = directory / "random-inception.pth"
-    torch.save(net.state_dict(), path)
-    return str(path)
 
 
 def test_inception_features_follow_adm_layout(random_inception_weights):
@@ -366,16 +350,19 @@ def cli_run(tmp_path_factory, random_inception_weights):
     stdout = io.StringIO()
     with _zero_sqrtm(), contextlib.redirect_stdout(stdout):
         main([ref, sample, "--inception-weights", random_inception_weights, "--batch-size", "3",
-              "--json", str(out)])
+              "--allow-few-samples", "--json", str(out)])
     return ref, sample, stdout.getvalue(), json.loads(out.read_text())
 
 
 def test_python_m_evaluator_prints_adm_metrics_in_order(cli_run):
     _, _, stdout, results = cli_run
     lines = stdout.splitlines()
-    assert [line.split(": ")[0] for line in lines] == ADM_ORDER
-    assert list(results) == ADM_ORDER
-    assert [float(line.split(": ")[1]) for line in lines] == list(results.values())
+    assert [line.split(": ")[0] for line in lines[:5]] == ADM_ORDER
+    assert list(results) == ADM_ORDER + ["precision_recall"]
+    assert [float(line.split(": ")[1]) for line in lines[:5]] == [results[k] for k in ADM_ORDER]
+    n_ref, n_sample = len(np.load(cli_run[0])["arr_0"]), len(np.load(cli_run[1])["arr_0"])
+    assert lines[5] == f"(precision / recall: k = 3 nearest neighbours, {n_ref} reference and {n_sample} sample images)"
+    assert results["precision_recall"] == {"k": 3, "reference_images": n_ref, "sample_images": n_sample}
 
 
 def test_python_m_evaluator_scores_the_right_features(cli_run):
@@ -392,7 +379,8 @@ def test_python_m_evaluator_scores_the_right_features(cli_run):
 def test_rescoring_reuses_the_cached_activations(cli_run, random_inception_weights):
     ref, sample, _, results = cli_run
     with _zero_sqrtm(), mock.patch.object(InceptionFeatures, "__call__") as forward:
-        assert evaluate(ref, sample, inception_weights=random_inception_weights) == results
+        assert evaluate(ref, sample, inception_weights=random_inception_weights, allow_few_samples=True) == {
+            k: results[k] for k in ADM_ORDER}
     forward.assert_not_called()
 
 
@@ -404,16 +392,28 @@ def test_stored_reference_statistics_give_the_computed_fid(cli_run, random_incep
     np.savez(with_stats, arr_0=np.load(ref)["arr_0"], mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     shutil.copy(cache_path(ref), cache_path(with_stats))  # same images, same activations: skip the network
     with _zero_sqrtm():
-        stored = evaluate(with_stats, sample, inception_weights=random_inception_weights)
-    assert stored == pytest.approx(computed, rel=1e-12)
+        stored = evaluate(with_stats, sample, inception_weights=random_inception_weights, allow_few_samples=True)
+    assert stored == pytest.approx({k: computed[k] for k in ADM_ORDER}, rel=1e-12)
 
 
 def test_cli_reports_bad_input_without_a_traceback(cli_run, random_inception_weights, tmp_path, capsys):
     ref = cli_run[0]
     with pytest.raises(SystemExit) as exit_info:
         main([ref, str(tmp_path / "missing.npz"), "--inception-weights", random_inception_weights])
+    assert exit_info.value.code == 1  # not a usage error: a file the user named is missing
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing.npz'}: no such file\n"
+
+
+def test_fid_over_fewer_samples_than_dimensions_is_refused_in_one_line(cli_run, random_inception_weights, capsys):
+    ref, sample = cli_run[:2]
+    with pytest.raises(SystemExit) as exit_info:
+        main([ref, sample, "--inception-weights", random_inception_weights])
     assert exit_info.value.code == 2
-    assert "missing.npz: no such file" in capsys.readouterr().err
+    n_ref = len(np.load(ref)["arr_0"])
+    assert capsys.readouterr().err == (
+        f"error: FID needs ≥ 2048 samples (got {n_ref} in {ref}): with fewer images than its 2048 feature dimensions "
+        "the covariance is singular and the distance means nothing; sample more (ADM's protocol: 50,000), or pass "
+        "--allow-few-samples to compute it anyway\n")
 
 
 def test_missing_weights_name_the_file_and_the_options(cli_run, tmp_path, monkeypatch, capsys):
@@ -425,6 +425,6 @@ def test_missing_weights_name_the_file_and_the_options(cli_run, tmp_path, monkey
 
     monkeypatch.setattr("evaluator.features.download_url_to_file", offline)
     with pytest.raises(SystemExit):
-        main([ref, sample])
+        main([ref, sample, "--allow-few-samples"])
     err = capsys.readouterr().err
     assert WEIGHTS_FILE in err and "--inception-weights PATH" in err and "no internet" in err

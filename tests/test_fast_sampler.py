@@ -148,3 +148,21 @@ def test_activation_checkpointing_gives_identical_loss_and_gradients(golden_gene
     assert torch.equal(checkpointed_loss, loss)
     for name, grad in grads.items():
         torch.testing.assert_close(checkpointed_grads[name], grad, atol=0, rtol=0, msg=name)
+
+
+# ----------------------------------------------------------------------------------------- the call site
+@pytest.mark.parametrize("sampler", ["fast", "plain"])
+def test_the_call_site_draws_the_plain_tokens_for_every_batch_size(golden_generator, sampler):
+    """`generate_tokens` (what every script calls): the fast sampler, one per batch shape (the last batch of a run
+    is smaller), or the readable loop with sampling.sampler=plain; the same tokens as `ReAR.generate`."""
+    from modeling.sampler import SamplingOptions, _FAST_SAMPLERS, generate_tokens
+
+    options = SamplingOptions(3.0, 1.0, 1.0, sampler=sampler)
+    for size in (5, 5, 2, 1):  # a full batch twice (the same sampler again), then two smaller last batches
+        classes = torch.arange(size) % 10
+        torch.manual_seed(size)
+        tokens = generate_tokens(golden_generator, classes, options)
+        torch.manual_seed(size)
+        assert torch.equal(tokens, golden_generator.generate(classes, 3.0, 1.0, 1.0))
+    built = sorted(key[0] for key in _FAST_SAMPLERS.get(golden_generator, {}))
+    assert built == ([1, 2, 5] if sampler == "fast" else [])

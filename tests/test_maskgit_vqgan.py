@@ -113,6 +113,16 @@ def test_factory_unknown_model_type():
         build_tokenizer(config)
 
 
+def test_no_tokenizer_weights_is_an_error_unless_released_or_random():
+    from utils.errors import MissingWeightsError
+
+    titok = validate({"model": {"vq_model": {"model_type": "titok"}}})
+    with pytest.raises(MissingWeightsError, match="no weights for the 'titok' tokenizer: set experiment.tokenizer_checkpoint"):
+        build_tokenizer(titok)
+    with pytest.raises(MissingWeightsError, match="maskgit-vqgan-imagenet-f16-256.bin"):  # its released file, offline
+        build_tokenizer(validate({"model": {"vq_model": {"model_type": "maskgit_vqgan"}}}))
+
+
 def test_factory_loads_tokenizer_checkpoint(tmp_path):
     path = tmp_path / "vq.safetensors"
     state = MaskGITVQGAN().state_dict()

@@ -2,6 +2,7 @@
 uint8 conversion of modeling/sampler.py."""
 
 import io
+import json
 import zipfile
 
 import numpy as np
@@ -110,6 +111,11 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     settings = {"seed": 0, "per_proc_batch_size": 4, "generator_checkpoint": "a.safetensors (10 bytes)"}
     assert prepare_sample_dir(folder, settings) is False
     assert prepare_sample_dir(folder, settings) is False
+    # nothing sampled yet (a run stopped before its first shard): the settings of the new run replace the old ones
+    assert prepare_sample_dir(folder, {**settings, "seed": 5}) is False
+    assert json.loads((tmp_path / "samples" / "sampling.json").read_text())["seed"] == 5
+    assert prepare_sample_dir(folder, settings) is False
+    (tmp_path / "samples" / "shards" / "batch_000000.npz").write_bytes(b"")  # a shard made: refused from now on
     with pytest.raises(OutputError, match=r"seed: 0 \(there\) vs 1 \(now\)"):
         prepare_sample_dir(folder, {**settings, "seed": 1})
     with pytest.raises(OutputError, match=r"a.safetensors \(10 bytes\)' \(there\) vs 'b.safetensors \(10 bytes\)'"):

@@ -130,7 +130,7 @@ def alitok_config(**vq_model):
 
 def test_builder_from_original_yaml_keys():
     with torch.device("meta"):
-        tokenizer = build_tokenizer(alitok_config(pretrained_tokenizer_weight=None))
+        tokenizer = build_tokenizer(alitok_config(pretrained_tokenizer_weight=None), random_weights=True)
     assert isinstance(tokenizer, AliTok) and tokenizer.config == AliTokConfig()
 
 

@@ -135,7 +135,7 @@ def test_builder_reads_original_yaml_keys():
     config = yaml_config({**TITOK_B64_YAML, "image_size": 256})
     manifest = json.loads((TITOK / "titok_released_manifest.json").read_text())["titok_b64"]["state_dict"]
     with torch.device("meta"):
-        tokenizer = build_tokenizer(config)
+        tokenizer = build_tokenizer(config, random_weights=True)
     assert isinstance(tokenizer, TiTok)
     assert (tokenizer.num_tokens, tokenizer.token_size, tokenizer.codebook_size) == (64, 12, 4096)
     assert {k: list(v.shape) for k, v in tokenizer.state_dict().items()} == manifest
@@ -252,4 +252,4 @@ def test_bad_config_raises(change, message):
 def test_stage1_yaml_is_refused():
     """The original's stage-1 config (decoder predicting MaskGIT-VQGAN codes, no pixel decoder) has no images."""
     with pytest.raises(ValueError, match="finetune_decoder"):
-        build_tokenizer(yaml_config({**TITOK_B64_YAML, "finetune_decoder": False, "image_size": 256}))
+        build_tokenizer(yaml_config({**TITOK_B64_YAML, "finetune_decoder": False, "image_size": 256}), random_weights=True)

@@ -114,6 +114,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, 
     assert not (tmp_path / "generator.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_and_accumulation_equal_one_process_with_the_global_batch(tmp_path):
     """DDP over 2 gloo processes with batch 4 each, and 1 process accumulating 2 micro-batches of 4, both equal
     1 process with batch 8: same data, averaged gradients, and the lr schedule counted in optimizer steps
@@ -141,6 +142,7 @@ def test_two_processes_and_accumulation_equal_one_process_with_the_global_batch(
     assert sorted(os.listdir(tmp_path / "two/checkpoints/checkpoint-00000004")).count("rng_state_1.pt") == 1
 
 
+@pytest.mark.slow
 def test_toy_run_learns_the_classes(tmp_path):
     """A short toy run (the README command with a smaller model and fewer steps) must draw the class it is asked
     for far above chance (0.1): a broken loss, schedule, conditioning or sampler fails this."""

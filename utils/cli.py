@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig
 
 from utils.config import load_config, schema_fields, split_cli
-from utils.errors import UsageError, UserError
+from utils.errors import OutputError, UsageError, UserError
+from utils.files import is_disk_full
 
 DEBUG_ENV = "REAR_DEBUG"
 
@@ -56,7 +58,8 @@ def help_text(script: Script) -> str:
     lines = [f"usage: {script.usage}", "", script.summary.strip(), "", "example:", f"  {script.example}"]
     if script.flags is not None and script.flags._actions:
         lines += ["", "flags:"]
-        lines += ["  " + line for line in script.flags.format_help().splitlines()[2:] if line.strip()]
+        body = script.flags.format_help().split("\n\n", 1)[1]  # without argparse's usage paragraph
+        lines += ["  " + line for line in body.splitlines() if line.strip()]
     if script.sections:
         rows = [(key, default, text) for key, default, text in schema_fields()
                 if any(key == s or key.startswith(s + ".") for s in script.sections)]
@@ -102,6 +105,35 @@ def parse(argv: Sequence[str], script: Script) -> Tuple[DictConfig, argparse.Nam
     return load_config(path, overrides), flags
 
 
+def positive_int(text: str) -> int:
+    """argparse `type` of a count that must be at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse `type` of a count that may be 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def torch_device(text: str) -> str:
+    """argparse `type` of a torch device (cpu, cuda, cuda:1), checked before any work."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine (use cpu)")
+    return text
+
+
 def debug_requested(argv: Sequence[str]) -> bool:
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
@@ -116,15 +148,35 @@ def one_line(err: BaseException) -> str:
 
 
 def report(err: UserError) -> int:
+    _close_progress_bars()
     message = one_line(err)
     print(f"error: {message}", file=sys.stderr)
     return err.exit_code
+
+
+def _close_progress_bars() -> None:
+    """End the line of every open progress bar, so that the error is the last line (and not the bar, redrawn
+    after it when the bar is garbage-collected)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning in one line, written past any progress bar (which would otherwise share its line)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=file or sys.stderr)
 
 
 def run(script: Script, main: Callable[[DictConfig, argparse.Namespace], object],
         argv: Optional[Sequence[str]] = None) -> None:
     """The `__main__` of a script: parse, run, and report a user error in one line (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    showwarning = warnings.showwarning
+    if not debug_requested(argv):
+        warnings.showwarning = _show_warning  # a warning is one line too; --debug shows where it came from
     try:
         config, flags = parse(argv, script)
         main(config, flags)
@@ -132,9 +184,19 @@ def run(script: Script, main: Callable[[DictConfig, argparse.Namespace], object]
         if debug_requested(argv):
             raise
         raise SystemExit(report(err)) from None
+    except OSError as err:  # a full disk, wherever it is met, is the user's to fix
+        if debug_requested(argv) or not is_disk_full(err):
+            raise
+        raise SystemExit(report(OutputError(f"the disk is full ({err}); free some space and rerun"))) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except Exception:  # a bug of ours: its traceback, after the progress bars
+        _close_progress_bars()
+        raise
+    finally:
+        warnings.showwarning = showwarning
 
 
-__all__ = ["Script", "flag_parser", "help_text", "parse", "report", "run"]
+__all__ = ["Script", "flag_parser", "help_text", "non_negative_int", "parse", "positive_int", "report", "run",
+           "torch_device"]

@@ -3,8 +3,9 @@
 Every run's configuration is the schema's defaults, then a YAML file, then CLI overrides, merged by OmegaConf.
 The schema is what makes a mistake an error before any work starts: an unknown key, a value of the wrong type or
 outside its fixed set of choices (`Literal[...]` below), or an inconsistent pair of values fails with the key's
-dotted name. Keys whose choices live in a registry (`model.vq_model.model_type`, `model.generator.backbone`) are
-checked against the names the registries under `modeling/` declare with `register_choice`.
+dotted name. Keys whose choices live in a registry (`model.vq_model.model_type`, `model.generator.backbone`,
+`model.generator.guidance_schedule`) are checked against the names the registries under `modeling/` declare with
+`register_choice`.
 
 The original reAR / RAR YAML files load unchanged and mean what they meant: every key they use is here, and a key
 they leave out defaults to what the original code did without it (e.g. no noisy context, no alignment). Keys the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 
@@ -69,7 +71,7 @@ class VQModelConfig:
     num_latent_tokens: int = option(256, "N: tokens per image")
     finetune_decoder: bool = option(False, "titok: must equal is_legacy (two-stage models); else unused (frozen)")
     pretrained_tokenizer_weight: Optional[str] = option(
-        "maskgit-vqgan-imagenet-f16-256.bin", "tokenizer weights (path or released name)"
+        None, "tokenizer weights (path or released name); default: the tokenizer's released file, if it has one"
     )
     commitment_cost: float = option(0.25, UNUSED + " (a tokenizer-training loss weight; TiTok, VQGAN+)")
     # --- conv VQGAN architecture (VQGAN+; MaskGIT-VQGAN's own config uses the same names but reads its weights) ---
@@ -95,6 +97,8 @@ class VQModelConfig:
     vit_model_sizes: Dict[str, List[int]] = option({}, "titok, not in the original: more sizes, name -> [width, layers, heads]")
     pixel_decoder_config: Dict[str, Any] = option({}, "titok, not in the original: MaskGIT-VQGAN keys of the pixel decoder")
     # --- AliTok (ali-vilab/alitok): its YAML gives only codebook_size 4096, token_size 32, num_latent_tokens 273 ---
+    architecture: Dict[str, Any] = option({}, "alitok, retok, not in the original: sizes its code fixes (alitok: "
+                                          "AliTokConfig fields; retok: ch, vit_sizes), to build smaller models")
     # --- ReTok (zfu006/ReTok): the original's model.init_args (VQ_SB256) ---
     codebook_embed_dim: int = option(8, "retok: codebook vector width (= token_size)")
     codebook_l2_norm: bool = option(True, "retok: L2-normalised codebook")
@@ -155,19 +159,24 @@ class GeneratorConfig:
     decode_align_layer_idx: int = option(15, "block whose output the decode head reads")
     projection_dim: int = option(2048, "hidden width of the alignment heads")
     z_dim: Optional[int] = option(None, "alignment heads' output width (default: model.vq_model.token_size)")
-    guidance_schedule: Optional[str] = option(None, "cosine_power (RAR) | power (AliTok) | step | linear | constant "
-                                              "(GigaTok); default: the backbone's own")
-    # --- alitok_ar (ali-vilab/alitok) ---
-    tok_dropout: float = option(0.1, "alitok_ar: dropout on the input embeddings in training")
+    # guidance as the backbone's original sampler does it (modeling.sampler.generate)
+    guidance_schedule: Optional[str] = option(
+        None, "cosine_power (RAR, AliTok) | constant | linear | linear_re | triangular | rectangular | step "
+        "(GigaTok, ReTok); default: the backbone's own (rar, alitok_ar: cosine_power; gpt1d: constant)")
+    guidance_window: List[float] = option(
+        [0.18, 1.0], "step: full guidance from token share [0] on; rectangular: within [0], [1] "
+        "(ReTok's --step-start-ratio 0.18; GigaTok's rectangular default [0.05, 1.0])")
+    cfg_interval: int = option(-1, "GigaTok's: tokens t >= cfg_interval + 2 are sampled without guidance (-1: never)")
+    # --- alitok_ar (ali-vilab/alitok) and gpt1d ---
+    tok_dropout: float = option(0.1, "alitok_ar, gpt1d: dropout on the input embeddings in training "
+                                "(AliTok's key; GigaTok's --token-dropout-p)")
     seed: int = option(42, UNUSED + " (AliTok's sampling seed; here sampling.seed)")
     # --- gpt1d (SilentView/GigaTok, zfu006/ReTok): sizes are the keys above (hidden_size = dim, ...) ---
     gpt_model: Optional[str] = option(None, "gpt1d: GPT-B | GPT-L | GPT-XL | ...: checked against the sizes above")
-    token_dropout_p: float = option(0.1, "gpt1d: dropout on the input embeddings in training")
-    drop_path_rate: float = option(0.0, "gpt1d: stochastic depth at the last block (linear from 0)")
+    drop_path_rate: float = option(0.0, "gpt1d: stochastic depth, rising linearly from 0 to this at the last block")
     use_qk_norm: bool = option(False, "gpt1d: per-head LayerNorm on queries and keys")
     use_adaLN: bool = option(False, "gpt1d: adaLN-Zero class conditioning per block")
     use_simple_adaLN: bool = option(False, "gpt1d: one adaLN modulation shared by the blocks plus per-block offsets")
-    cfg_interval: int = option(-1, "gpt1d: after this many tokens sample without guidance (-1: never)")
 
 
 @dataclass
@@ -306,7 +315,9 @@ _VALID_KEYS = [key for key, _, _ in schema_fields()]
 _SECTIONS = sorted({key.rsplit(".", 1)[0] for key in _VALID_KEYS if "." in key})
 
 # Keys whose allowed values come from a registry in modeling/ (filled by `register_choice`).
-REGISTERED_CHOICES: Dict[str, Dict[str, str]] = {"model.vq_model.model_type": {}, "model.generator.backbone": {}}
+REGISTERED_CHOICES: Dict[str, Dict[str, str]] = {
+    "model.vq_model.model_type": {}, "model.generator.backbone": {}, "model.generator.guidance_schedule": {}
+}
 
 
 def register_choice(key: str, name: str, canonical: Optional[str] = None) -> None:
@@ -361,12 +372,33 @@ def validate(config: Any) -> DictConfig:
     return _merge(OmegaConf.structured(ReARConfig), config, "the given config")
 
 
+def _string_keys(cls: type = ReARConfig, prefix: str = "") -> set:
+    """Dotted keys whose values are strings (str, Optional[str] or a Literal of strings)."""
+    keys = set()
+    for name, hint in typing.get_type_hints(cls).items():
+        field_ = next(f for f in fields(cls) if f.name == name)
+        if field_.default_factory is not MISSING and is_dataclass(field_.default_factory):
+            keys |= _string_keys(field_.default_factory, f"{prefix}{name}.")
+        elif str in typing.get_args(hint) or hint is str or typing.get_origin(hint) is Literal:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+_STRING_KEYS = _string_keys()
+_YAML_BOOLEANS = {"yes", "no", "on", "off", "y", "n"}
+
+
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    items = []
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"command-line argument '{item}' is not of the form key.sub=value (or config=FILE.yaml)")
+        key, value = item.split("=", 1)
+        if key in _STRING_KEYS and value.lower() in _YAML_BOOLEANS:  # YAML would read `no` as False
+            item = f"{key}='{value}'"
+        items.append(item)
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        return OmegaConf.from_dotlist(items)
     except OmegaConfBaseException as err:
         raise ConfigError(f"command-line overrides could not be parsed: {str(err).splitlines()[0]}") from None
 
@@ -409,7 +441,8 @@ POSITIVE_KEYS = (
     "model.vq_model.token_size",
     "dataset.preprocessing.crop_size",
 )
-PROBABILITY_KEYS = ("model.generator.dropout", "model.generator.attn_drop", "model.generator.class_label_dropout")
+PROBABILITY_KEYS = ("model.generator.dropout", "model.generator.attn_drop", "model.generator.class_label_dropout",
+                    "model.generator.tok_dropout", "model.generator.drop_path_rate")
 
 
 def check(config: DictConfig, source: str = "the config") -> DictConfig:
@@ -421,7 +454,7 @@ def check(config: DictConfig, source: str = "the config") -> DictConfig:
                  if not 0.0 <= OmegaConf.select(config, key) < 1.0]
     for key, names in REGISTERED_CHOICES.items():
         value = OmegaConf.select(config, key)
-        if names and value not in names:
+        if names and value is not None and value not in names:
             problems.append(f"'{key}' is '{value}', not one of {', '.join(sorted(names))}")
     g, s = config.model.generator, config.sampling
     if g.hidden_size % g.num_attention_heads:
@@ -433,6 +466,9 @@ def check(config: DictConfig, source: str = "the config") -> DictConfig:
                 problems.append(f"'model.generator.{key}' is {g[key]}, outside the {g.num_hidden_layers} blocks")
         if not (g.encode_align or g.decode_align):
             problems.append("'model.generator.transition_alignment' is on but both encode_align and decode_align are off")
+    if len(g.guidance_window) != 2 or not 0.0 <= g.guidance_window[0] <= g.guidance_window[1]:
+        problems.append(f"'model.generator.guidance_window' is {list(g.guidance_window)} (must be [start, end], "
+                        "0 <= start <= end)")
     if g.randomness_anneal_end < g.randomness_anneal_start:
         problems.append("'model.generator.randomness_anneal_end' is before 'randomness_anneal_start'")
     if config.lr_scheduler.params.learning_rate != config.optimizer.params.learning_rate:

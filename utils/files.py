@@ -84,4 +84,14 @@ def remove_temporaries(directory: str) -> int:
     return len(leftovers)
 
 
-__all__ = ["atomic_open", "atomic_path", "is_disk_full", "remove_temporaries", "temporary_name", "write_json"]
+def remove_temporaries_of(path: str) -> int:
+    """Delete the temporaries an interrupted writer of `path` left (not those of other files in its folder, which
+    another run may be writing right now); returns how many."""
+    leftovers = glob.glob(f"{glob.escape(path)}{TEMPORARY_MARK}*")
+    for leftover in leftovers:
+        _remove(leftover)
+    return len(leftovers)
+
+
+__all__ = ["atomic_open", "atomic_path", "is_disk_full", "remove_temporaries", "remove_temporaries_of",
+           "temporary_name", "write_json"]

@@ -8,8 +8,10 @@ missing one says where to get it and how to pass a local copy. Offline, a lookup
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pickle
+import re
 import socket
 import zipfile
 from dataclasses import dataclass
@@ -44,9 +46,12 @@ PUBLISHED: Dict[str, Published] = {
         "fun-research/TiTok", "≈0.22 GB (54.5M float32 parameters)", what="MaskGIT-VQGAN tokenizer"
     ),
     # the other tokenizers (modeling/tokenizers/)
-    "tokenizer_titok_l32.bin": Published("fun-research/TiTok", "size not listed here", what="TiTok-L-32"),
-    "tokenizer_titok_b64.bin": Published("fun-research/TiTok", "size not listed here", what="TiTok-B-64"),
-    "tokenizer_titok_s128.bin": Published("fun-research/TiTok", "size not listed here", what="TiTok-S-128"),
+    "tokenizer_titok_l32.bin": Published("fun-research/TiTok", "≈2.56 GB (641.1M float32 parameters)",
+                                         what="TiTok-L-32"),
+    "tokenizer_titok_b64.bin": Published("fun-research/TiTok", "≈0.82 GB (204.8M float32 parameters)",
+                                         what="TiTok-B-64"),
+    "tokenizer_titok_s128.bin": Published("fun-research/TiTok", "≈0.33 GB (83.7M float32 parameters)",
+                                          what="TiTok-S-128"),
     "vqgan_plus_12bit.bin": Published("markweber/vqgan_plus_12bit", "≈0.22 GB (55.0M float32 parameters)",
                                       what="VQGAN+ 12-bit (MaskBit)"),
     "vqgan_plus_paper.bin": Published("markweber/vqgan_plus_paper", "size not listed here",
@@ -58,10 +63,12 @@ PUBLISHED: Dict[str, Published] = {
                                   "https://drive.google.com/drive/folders/1Qne5GwCILuJVH_fqQSN2MQFK7YF82UAn",
                                   what="ReTok VQ_SB256 tokenizer (Google Drive folder, linked from github.com/zfu006/ReTok)"),
     # the other backbones (modeling/backbones/)
-    **{f"alitok_{size}.bin": Published(None, gb, "https://drive.google.com/drive/folders/1dBjcFfClmBvf2cSlelFMT2gMlS8OQOHG",
-                                       what=f"AliTok-{size.upper()} AR generator (Google Drive folder, ali-vilab/alitok)")
-       for size, gb in (("b", "≈0.71 GB (177.0M float32 parameters)"), ("l", "≈1.27 GB (317.9M float32 parameters)"),
-                        ("xl", "≈2.65 GB (662.1M float32 parameters)"))},
+    **{f"alitok_{size}.bin": Published(None, gb, f"https://drive.google.com/file/d/{drive_id}/view",
+                                       what=f"AliTok-{size.upper()} AR generator (Google Drive, linked from "
+                                            "github.com/ali-vilab/alitok)")
+       for size, gb, drive_id in (("b", "≈0.71 GB (177.0M float32 parameters)", "1PNVX9wqePxRjuOKpt4iw6CpIYLlyJWlX"),
+                                  ("l", "≈1.27 GB (317.9M float32 parameters)", "1tmwAa724pNY4FgUsLne2VJVGoK_TBuMa"),
+                                  ("xl", "≈2.65 GB (662.1M float32 parameters)", "1Vu0UsQfqzZ8HMKFqE2tIGdAcJ6zPXvFd"))},
     "GPT_XL256_e300_VQ_SB.pt": Published(None, "≥3.1 GB (775.0M float32 parameters, a training checkpoint)",
                                          "https://drive.google.com/drive/folders/1Qne5GwCILuJVH_fqQSN2MQFK7YF82UAn",
                                          what="ReTok's GPT-XL generator (Google Drive folder, zfu006/ReTok)"),
@@ -106,15 +113,17 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     except pickle.UnpicklingError as err:
         # weights_only refuses any pickled object that is not a tensor or a plain container: such a file could run
         # code when loaded, so it is refused here too, whatever it holds.
-        detail = str(err).split("\n")[0].split("Unsupported")[-1].strip(" :.")
+        # torch's own message advises weights_only=False, which would run the object: only its finding is kept.
+        found = re.search(r"unsupported (GLOBAL [\w.]+|[^\n.]+)", str(err), re.IGNORECASE)
+        detail = found.group(1) if found else "not a plain state dict"
         raise WeightsError(
             f"refusing to load {path} for safety: it holds pickled Python objects other than tensors "
-            f"({detail or 'not a plain state dict'}); only weights-only files are loaded. If you made this file, "
+            f"({detail}); only weights-only files are loaded. If you made this file, "
             "save its state dict instead (torch.save(model.state_dict(), path) or a .safetensors file)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise WeightsError(f"weights file {path} is unreadable (truncated or corrupt?): "
-                           f"{str(err).splitlines()[0]}{where_published(path)}") from None
+                           f"{first_sentence(err)}{where_published(path)}") from None
     if not isinstance(state, Mapping):
         raise WeightsError(f"{path} does not hold a state dict (found {type(state).__name__})")
     return dict(state)
@@ -135,7 +144,12 @@ def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"weights file {path} is unreadable (truncated or corrupt?): "
-                           f"{str(err).splitlines()[0]}{where_published(path)}") from None
+                           f"{first_sentence(err)}{where_published(path)}") from None
+
+
+def first_sentence(err: BaseException) -> str:
+    """A library's error without the paragraphs of advice that follow its finding."""
+    return str(err).splitlines()[0].split(". ")[0].rstrip(".")
 
 
 def unwrap(state: Dict, keys: Sequence[str], path: str) -> Dict[str, torch.Tensor]:
@@ -182,13 +196,15 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what
     if problems:
         shown = "; ".join(problems[:3])
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise WeightsError(f"{what} does not fit the model ({len(problems)} problems: {shown}{more}): "
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise WeightsError(f"{what} does not fit the model ({count}: {shown}{more}): "
                            "are the config's sizes those of the checkpoint?")
     module.load_state_dict(state_dict, strict=True)
     return module
 
 
 # ----------------------------------------------------------------------------------------- finding a file
+@functools.lru_cache(maxsize=None)
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     """Whether the Hub answers at all (one TCP connection), so that offline a lookup fails at once instead of
     after the download client's retries."""

@@ -30,6 +30,9 @@ def register_backbone(name: str) -> Callable[[Type[Generator]], Type[Generator]]
 
 register_backbone("rar")(ReAR)
 
+# The other backbones register themselves (and their originals' guidance schedules) when imported.
+from . import alitok_ar, gpt1d  # noqa: E402,F401
+
 
 def backbone_class(config) -> Type[Generator]:
     name = canonical_choice(config, "model.generator.backbone")

@@ -6,15 +6,24 @@ towards) and the properties `codebook_size`, `token_size`, `num_tokens` and `ima
 and one `@register_tokenizer(name)` line: `builder(config, checkpoint)` gets the whole config and the weights file
 to load (or None: random weights) and returns the tokenizer. A tokenizer that is fitted rather than loaded (the toy
 one) says so with `needs_fit` and is fitted on the images `build_tokenizer` is given.
+
+Two optional attributes say how a tokenizer differs from the default, for the pipeline around it:
+- `decodes_prefixes = True`: it decodes any first k of its N tokens (ReTok), so a generator may model only those;
+- `pixel_rounding = "nearest"`: its original evaluation turns decoded images into bytes by rounding (ReTok,
+  `clamp(127.5 x + 128)` of its [-1, 1] output) rather than RAR's truncation of 255 x (`to_uint8`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from typing import Callable, Dict, Optional
 
+import numpy as np
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from modeling.sampler import to_uint8
 from utils.config import canonical_choice, register_choice
 from utils.errors import ConfigError, MissingWeightsError
 from utils.weights import is_model_folder, load_checked, load_state_dict_file, resolve_weights
@@ -31,15 +40,25 @@ from .vqgan_plus import VQGANPlus
 
 TokenizerBuilder = Callable[[object, Optional[str]], nn.Module]
 TOKENIZERS: Dict[str, TokenizerBuilder] = {}
+RELEASED_WEIGHTS: Dict[str, str] = {}  # the weights a tokenizer loads when the config names none
+# The sizes an original fixes in its code rather than its YAML, which `model.vq_model.architecture` may set.
+ARCHITECTURE_KEYS = {
+    "alitok": tuple(f.name for f in fields(AliTokConfig)
+                    if f.name not in ("codebook_size", "token_size", "num_latent_tokens", "image_size")),
+    "retok": ("ch", "vit_sizes"),
+}
 
 
-def register_tokenizer(name: str, *aliases: str) -> Callable[[TokenizerBuilder], TokenizerBuilder]:
-    """Register `builder` under `name` (and the original configs' other names for it, `aliases`)."""
+def register_tokenizer(name: str, *aliases: str, released: Optional[str] = None) -> Callable[[TokenizerBuilder], TokenizerBuilder]:
+    """Register `builder` under `name` (and the original configs' other names for it, `aliases`); `released` is the
+    published weights file used when the config gives none."""
 
     def register(builder: TokenizerBuilder) -> TokenizerBuilder:
         if name in TOKENIZERS:
             raise ValueError(f"tokenizer '{name}' is already registered")
         TOKENIZERS[name] = builder
+        if released:
+            RELEASED_WEIGHTS[name] = released
         for key in (name, *aliases):
             register_choice("model.vq_model.model_type", key, canonical=name)
         return builder
@@ -47,7 +66,7 @@ def register_tokenizer(name: str, *aliases: str) -> Callable[[TokenizerBuilder],
     return register
 
 
-@register_tokenizer("maskgit_vqgan", "maskgitvq")
+@register_tokenizer("maskgit_vqgan", "maskgitvq", released="maskgit-vqgan-imagenet-f16-256.bin")
 def build_maskgit_vqgan(config, checkpoint: Optional[str]) -> nn.Module:
     """The released f16 architecture (or the one the weights' shapes describe); random weights without a checkpoint."""
     resolution = config.dataset.preprocessing.crop_size
@@ -95,45 +114,84 @@ def build_vqgan_plus(config, checkpoint: Optional[str]) -> nn.Module:
 @register_tokenizer("alitok")
 def build_alitok(config, checkpoint: Optional[str]) -> nn.Module:
     """AliTok's released architecture with `model.vq_model.{codebook_size, token_size, num_latent_tokens}` (4096, 32,
-    273 = 17 prefix + 256 in its YAML); the original fixes the rest."""
-    vq = config.model.vq_model
+    273 = 17 prefix + 256 in its YAML) at `dataset.preprocessing.crop_size`; the original fixes the rest in code
+    (`model.vq_model.architecture` may set it)."""
+    vq, image_size = config.model.vq_model, config.dataset.preprocessing.crop_size
     architecture = AliTokConfig(codebook_size=vq.codebook_size, token_size=vq.token_size,
-                                num_latent_tokens=vq.num_latent_tokens)
+                                num_latent_tokens=vq.num_latent_tokens, image_size=image_size,
+                                **architecture_sizes(config, "alitok"))
     return AliTok.from_pretrained(checkpoint, architecture) if checkpoint else AliTok(architecture)
 
 
 @register_tokenizer("retok")
 def build_retok(config, checkpoint: Optional[str]) -> nn.Module:
-    """ReTok, the architecture from the original init_args' keys in `model.vq_model` (VQ_SB256 released)."""
-    architecture = retok_config(config.model.vq_model)
+    """ReTok, the architecture from the original init_args' keys in `model.vq_model` (VQ_SB256 released), at
+    `dataset.preprocessing.crop_size`."""
+    architecture = {**retok_config(config.model.vq_model), "image_size": config.dataset.preprocessing.crop_size,
+                    **architecture_sizes(config, "retok")}
     return ReTok.from_pretrained(checkpoint, architecture) if checkpoint else ReTok(architecture)
 
 
+def architecture_sizes(config, name: str) -> dict:
+    """`model.vq_model.architecture`: sizes the `name` tokenizer's original fixes in code (none for most)."""
+    sizes = OmegaConf.to_container(config.model.vq_model.architecture)
+    allowed = ARCHITECTURE_KEYS.get(name, ())
+    unknown = sorted(set(sizes) - set(allowed))
+    if unknown:
+        takes = f"it takes {', '.join(allowed)}" if allowed else "it takes none"
+        raise ConfigError(f"'model.vq_model.architecture' sets {', '.join(unknown)}, not a size of the '{name}' "
+                          f"tokenizer ({takes}; the image size is 'dataset.preprocessing.crop_size')")
+    return sizes
+
+
 def check_pairing(config, tokenizer: nn.Module) -> None:
-    """The generator is sized by the config; it must describe this tokenizer (vocabulary, length, alignment width)."""
-    vq, g = config.model.vq_model, config.model.generator
+    """The generator is sized by the config; it must describe this tokenizer (vocabulary, length, alignment width).
+    A generator over a tokenizer that decodes prefixes (ReTok) may model only its first k <= N tokens."""
+    vq, g, name = config.model.vq_model, config.model.generator, config.model.vq_model.model_type
     pairs = [
         ("model.vq_model.codebook_size", vq.codebook_size, tokenizer.codebook_size),
         ("model.vq_model.token_size", vq.token_size, tokenizer.token_size),
-        ("model.generator.image_seq_len", g.image_seq_len, tokenizer.num_tokens),
     ]
+    if g.transition_alignment and g.z_dim is not None:  # the heads' outputs are compared with the codebook vectors
+        pairs.append(("model.generator.z_dim", g.z_dim, tokenizer.token_size))
+    if not getattr(tokenizer, "decodes_prefixes", False):
+        pairs.append(("model.generator.image_seq_len", g.image_seq_len, tokenizer.num_tokens))
+    elif not 1 <= g.image_seq_len <= tokenizer.num_tokens:
+        raise ConfigError(f"'model.generator.image_seq_len' is {g.image_seq_len} but the '{name}' tokenizer decodes "
+                          f"the first 1 to {tokenizer.num_tokens} of its tokens")
     for key, configured, actual in pairs:
         if configured != actual:
-            raise ConfigError(f"'{key}' is {configured} but the '{vq.model_type}' tokenizer has {actual}")
+            raise ConfigError(f"'{key}' is {configured} but the '{name}' tokenizer has {actual}")
 
 
-def build_tokenizer(config, fit_images: Optional[Tensor] = None) -> nn.Module:
+def decoded_to_uint8(images: Tensor, tokenizer: nn.Module) -> np.ndarray:
+    """Decoded images (B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), the bytes the tokenizer's original evaluation
+    writes: 255 x truncated (`to_uint8`, RAR's sampler), or rounded to the nearest level (`pixel_rounding`)."""
+    if getattr(tokenizer, "pixel_rounding", "truncate") == "nearest":
+        # 255 (x + 1/510) truncated is 255 x rounded; `to_uint8` clamps after the shift, as the original clamps
+        # 127.5 y + 128 (y = 2x - 1)
+        images = images.float() + 0.5 / 255
+    return to_uint8(images)
+
+
+def build_tokenizer(config, fit_images: Optional[Tensor] = None, random_weights: bool = False) -> nn.Module:
     """The tokenizer named by `config.model.vq_model.model_type`, with its weights loaded (or fitted on
     `fit_images`), checked against the config.
 
-    Weights: `experiment.tokenizer_checkpoint` if set, else `model.vq_model.pretrained_tokenizer_weight`;
-    either is a local path, the name of a published file (fetched from where it is published), or a folder of
-    config.json + weights (local, or a Hub repo "owner/name"), passed on as is.
+    Weights: `experiment.tokenizer_checkpoint` if set, else `model.vq_model.pretrained_tokenizer_weight`, else the
+    tokenizer's released file; each is a local path, the name of a published file (fetched from where it is
+    published), or a folder of config.json + weights (local, or a Hub repo "owner/name"), passed on as is. With no
+    weights at all it is an error, unless `random_weights` (tests and speed measurements only).
     """
     name = canonical_choice(config, "model.vq_model.model_type")
     if name not in TOKENIZERS:
         raise ConfigError(f"'model.vq_model.model_type' is '{name}', not one of {', '.join(sorted(TOKENIZERS))}")
-    checkpoint = config.experiment.tokenizer_checkpoint or config.model.vq_model.pretrained_tokenizer_weight
+    architecture_sizes(config, name)  # a size the tokenizer does not take fails before any file is read
+    vq = config.model.vq_model
+    checkpoint = config.experiment.tokenizer_checkpoint or vq.pretrained_tokenizer_weight or RELEASED_WEIGHTS.get(name)
+    if checkpoint is None and not random_weights and name != "toy":
+        raise MissingWeightsError(f"no weights for the '{name}' tokenizer: set experiment.tokenizer_checkpoint=PATH "
+                                  "(the released files and where they are published: README, Tokenizers)")
     if checkpoint and not is_model_folder(checkpoint):
         checkpoint = resolve_weights(checkpoint, local_option="experiment.tokenizer_checkpoint=PATH")
     tokenizer = TOKENIZERS[name](config, checkpoint)
@@ -149,4 +207,4 @@ def build_tokenizer(config, fit_images: Optional[Tensor] = None) -> nn.Module:
 
 
 __all__ = ["TOKENIZERS", "AliTok", "MaskGITVQGAN", "ReTok", "TiTok", "VQGANPlus", "build_tokenizer", "check_pairing",
-           "register_tokenizer"]
+           "decoded_to_uint8", "register_tokenizer"]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from utils.weights import load_checked, load_state_dict_file, resolve_weights, unwrap
 
-from .checks import check_tokens
+from .base import SequenceTokenizer
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class VectorQuantizer(nn.Module):
         return distances.argmin(dim=1)
 
 
-class AliTok(nn.Module):
+class AliTok(SequenceTokenizer):
     """The frozen tokenizer: `encode` images to tokens, `decode_tokens` back, `get_quantized_states` for alignment."""
 
     def __init__(self, config: AliTokConfig = AliTokConfig()):
@@ -198,12 +198,7 @@ class AliTok(nn.Module):
         width = config.encoder_width
         self.latent_tokens = nn.Parameter(width**-0.5 * torch.randn(config.num_latent_tokens, width))
         self.quantize = VectorQuantizer(config.codebook_size, config.token_size)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "AliTok":
-        # Frozen: a parent's .train() must not switch it to training mode.
-        return super().train(False)
+        self.freeze()
 
     @classmethod
     def from_pretrained(cls, path: str, config: AliTokConfig = AliTokConfig()) -> "AliTok":
@@ -218,14 +213,6 @@ class AliTok(nn.Module):
         return load_checked(cls(config), state_dict, what=f"AliTok weights {path}")
 
     @property
-    def codebook_size(self) -> int:
-        return self.config.codebook_size
-
-    @property
-    def token_size(self) -> int:
-        return self.config.token_size
-
-    @property
     def num_tokens(self) -> int:
         """Tokens per image, prefix tokens included (273 released)."""
         return self.config.num_latent_tokens
@@ -237,15 +224,9 @@ class AliTok(nn.Module):
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         """Images (B, 3, image_size, image_size) in [0, 1] (fed as they are, no normalisation) -> tokens (B, N)."""
-        self._check_images(images)
+        self.check_images(images)
         z = self.encoder(images, self.latent_tokens)
         return self.quantize.nearest_codes(z.reshape(-1, self.token_size)).view(images.shape[0], -1)
-
-    @torch.no_grad()
-    def get_quantized_states(self, tokens: Tensor) -> Tensor:
-        """Tokens (B, N) -> their codebook vectors (B, N, token_size), as stored (AliTok does not normalise them)."""
-        check_tokens(tokens, self.codebook_size)
-        return self.quantize.embedding(tokens)
 
     @torch.no_grad()
     def decode_tokens(self, tokens: Tensor) -> Tensor:
@@ -256,10 +237,3 @@ class AliTok(nn.Module):
                 f"prefix + {self.config.grid_size**2}), got {tokens.shape[1]}"
             )
         return self.decoder(self.get_quantized_states(tokens)).clamp(0.0, 1.0)
-
-    def _check_images(self, images: Tensor) -> None:
-        expected = (3, self.image_size, self.image_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}")

@@ -18,7 +18,7 @@ from torch import nn
 
 from utils.weights import load_checked, load_state_dict_file, resolve_weights
 
-from .checks import check_images, check_tokens
+from .base import ConvTokenizer, conv_vqgan_sizes
 
 # The released f16 tokenizer; a mapping with (some of) these keys builds another size.
 RELEASED_CONFIG = {
@@ -207,41 +207,21 @@ class VectorQuantizer(nn.Module):
 def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Optional[dict]:
     """The architecture a MaskGIT-VQGAN state dict was saved from (RELEASED_CONFIG's keys but `resolution` and
     `dropout`, which the weights do not record), or None if it is not one (loading then lists the misfits)."""
-    names = ("encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "quantize.embedding.weight")
-    if not all(name in state_dict for name in names):
-        return None
-    hidden, num_channels = state_dict["encoder.conv_in.weight"].shape[:2]
-    levels = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down."))
-    blocks = 1 + max(int(k.split(".")[4]) for k in state_dict if k.startswith("encoder.down.0.block."))
-    mult = [state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // hidden for i in range(levels)]
-    codebook_size, token_size = state_dict["quantize.embedding.weight"].shape
-    return {
-        "channel_mult": mult,
-        "num_resolutions": levels,
-        "hidden_channels": hidden,
-        "num_channels": num_channels,
-        "num_res_blocks": blocks,
-        "z_channels": token_size,
-        "codebook_size": codebook_size,
-        "token_size": token_size,
-    }
+    sizes = conv_vqgan_sizes(state_dict, "block")
+    return None if sizes is None else {**sizes, "z_channels": sizes["token_size"]}
 
 
-class MaskGITVQGAN(nn.Module):
+class MaskGITVQGAN(ConvTokenizer):
     """The frozen tokenizer: `encode` images to tokens, `decode_tokens` back, `get_quantized_states` for alignment."""
 
     def __init__(self, config: Optional[Mapping[str, Any]] = None):
         super().__init__()
         self.config = resolve_config(config)
+        self.image_size = self.config["resolution"]
         self.encoder = Encoder(self.config)
         self.decoder = Decoder(self.config)
         self.quantize = VectorQuantizer(self.config["codebook_size"], self.config["token_size"])
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "MaskGITVQGAN":
-        # Frozen: a parent's .train() must not switch dropout back on.
-        return super().train(False)
+        self.freeze()
 
     @classmethod
     def from_pretrained(cls, path: str, config: Optional[Mapping[str, Any]] = None,
@@ -257,50 +237,3 @@ class MaskGITVQGAN(nn.Module):
             if config is not None and resolution is not None:
                 config["resolution"] = resolution
         return load_checked(cls(config), state_dict, what=f"MaskGIT-VQGAN weights {path}")
-
-    @property
-    def codebook_size(self) -> int:
-        return self.quantize.embedding.num_embeddings
-
-    @property
-    def token_size(self) -> int:
-        return self.quantize.embedding.embedding_dim
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (self.config["num_resolutions"] - 1)
-
-    @property
-    def image_size(self) -> int:
-        return self.config["resolution"]
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens of an `image_size` image (a convolutional tokenizer takes any multiple of the factor)."""
-        return (self.image_size // self.downsample_factor) ** 2
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] -> tokens (B, H/f * W/f), row-major."""
-        self._check_images(images)
-        z = self.encoder(images).permute(0, 2, 3, 1)  # (B, h, w, C): rows of z are token positions, row-major
-        return self.quantize.nearest_codes(z.reshape(-1, z.shape[-1])).reshape(images.shape[0], -1)
-
-    @torch.no_grad()
-    def get_quantized_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N) -> their codebook vectors (B, N, token_size)."""
-        check_tokens(tokens, self.codebook_size)
-        return self.quantize.embedding(tokens)
-
-    @torch.no_grad()
-    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N), N a square number -> images (B, 3, H, W) clamped to [0, 1]."""
-        codes = self.get_quantized_states(tokens)
-        side = math.isqrt(tokens.shape[1])
-        if side * side != tokens.shape[1]:
-            raise ValueError(f"decode_tokens needs a square number of tokens per image, got {tokens.shape[1]}")
-        z = codes.reshape(tokens.shape[0], side, side, self.token_size).permute(0, 3, 1, 2)
-        return self.decoder(z).clamp(0.0, 1.0)
-
-    def _check_images(self, images: torch.Tensor) -> None:
-        check_images(images, self.config["num_channels"], self.downsample_factor)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from utils.weights import load_checked, load_state_dict_file, resolve_weights, unwrap
 
-from .checks import check_tokens
+from .base import SequenceTokenizer
 
 # The original's ViT size table: name -> (width, layers, heads).
 VIT_SIZES = {
@@ -462,9 +462,13 @@ class VectorQuantizer(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class ReTok(nn.Module):
+class ReTok(SequenceTokenizer):
     """The frozen tokenizer: `encode` images to 256 tokens, `decode_tokens` from any prefix of them,
     `get_quantized_states` for reAR's alignment heads."""
+
+    decodes_prefixes = True  # a generator may model only the first k tokens
+    # The original's samplers write clamp(127.5 y + 128, 0, 255) of the [-1, 1] output y as uint8: rounded bytes.
+    pixel_rounding = "nearest"
 
     def __init__(self, config: Optional[Mapping[str, Any]] = None):
         super().__init__()
@@ -476,12 +480,7 @@ class ReTok(nn.Module):
         self.post_quant_conv = nn.Conv2d(c["codebook_embed_dim"], c["z_channels"], kernel_size=1)
         self.s1to2decoder = QFormerDecoder(c)
         self.decoder = Decoder(c)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "ReTok":
-        # Frozen: a parent's .train() must not switch it to training mode.
-        return super().train(False)
+        self.freeze()
 
     @classmethod
     def from_pretrained(cls, path: str, config: Optional[Mapping[str, Any]] = None) -> "ReTok":
@@ -491,26 +490,10 @@ class ReTok(nn.Module):
         state_dict = load_retok_state_dict(resolve_weights(path))  # first: a missing file fails before building
         return load_checked(cls(config), state_dict, what=f"ReTok weights {path}")
 
-    @property
-    def codebook_size(self) -> int:
-        return self.quantize.embedding.num_embeddings
-
-    @property
-    def token_size(self) -> int:
-        return self.quantize.embedding.embedding_dim
-
-    @property
-    def num_tokens(self) -> int:
-        return self.config["num_latent_tokens"]
-
-    @property
-    def image_size(self) -> int:
-        return self.config["image_size"]
-
     @torch.no_grad()
     def encode_features(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] -> the features that are quantized (B, num_tokens, token_size)."""
-        self._check_images(images)
+        self.check_images(images)
         latents = self.s2to1encoder(self.encoder((images - 0.5) / 0.5))  # the original's Normalize(0.5, 0.5)
         return self.quant_conv(latents).flatten(2).transpose(1, 2)
 
@@ -523,7 +506,11 @@ class ReTok(nn.Module):
     @torch.no_grad()
     def get_quantized_states(self, tokens: Tensor) -> Tensor:
         """Tokens (B, k) -> their L2-normalised codebook vectors (B, k, token_size)."""
-        self._check_tokens(tokens)
+        if tokens.dim() == 2 and not 1 <= tokens.shape[1] <= self.num_tokens:
+            raise ValueError(f"ReTok decodes 1 to {self.num_tokens} tokens per image, got {tokens.shape[1]}")
+        return super().get_quantized_states(tokens)
+
+    def codebook_vectors(self, tokens: Tensor) -> Tensor:
         return self.quantize.codebook()[tokens]
 
     @torch.no_grad()
@@ -537,19 +524,6 @@ class ReTok(nn.Module):
     def decode_tokens(self, tokens: Tensor) -> Tensor:
         """The first k tokens (B, k), 1 <= k <= num_tokens -> images (B, 3, H, W) clamped to [0, 1]."""
         return ((self.decode_raw(tokens) + 1.0) / 2.0).clamp(0.0, 1.0)
-
-    def _check_images(self, images: Tensor) -> None:
-        expected = (3, self.image_size, self.image_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}")
-
-    def _check_tokens(self, tokens: Tensor) -> None:
-        if tokens.dim() == 2 and not 1 <= tokens.shape[1] <= self.num_tokens:
-            raise ValueError(f"ReTok decodes 1 to {self.num_tokens} tokens per image, got {tokens.shape[1]}")
-        check_tokens(tokens, self.codebook_size)
-
 
 def load_retok_state_dict(path: str) -> dict:
     """The state dict in a ReTok weights file. The released `.pt` is a training checkpoint

@@ -30,7 +30,7 @@ from utils.weights import is_model_folder, load_checked, load_state_dict_file, r
 
 from .maskgit_vqgan import Decoder as PixelDecoder
 from .maskgit_vqgan import VectorQuantizer as PixelCodebook
-from .checks import check_tokens
+from .base import SequenceTokenizer
 from .maskgit_vqgan import resolve_config as resolve_pixel_decoder_config
 
 
@@ -282,7 +282,7 @@ class TiTokQuantizer(nn.Module):
         return F.normalize(codes, dim=-1) if self.use_l2_norm else codes
 
 
-class TiTok(nn.Module):
+class TiTok(SequenceTokenizer):
     """The frozen tokenizer: `encode` images to N tokens, `decode_tokens` back, `get_quantized_states` for alignment."""
 
     def __init__(self, config: Mapping[str, Any]):
@@ -297,12 +297,7 @@ class TiTok(nn.Module):
             pixel = c["pixel_decoder_config"]
             self.pixel_quantize = PixelCodebook(pixel["codebook_size"], pixel["token_size"])
             self.pixel_decoder = PixelDecoder(pixel)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "TiTok":
-        # Frozen: a parent's .train() must not switch it out of eval mode.
-        return super().train(False)
+        self.freeze()
 
     @classmethod
     def from_pretrained(cls, path_or_name: str, config: Optional[Mapping[str, Any]] = None) -> "TiTok":
@@ -330,33 +325,15 @@ class TiTok(nn.Module):
         state_dict = load_state_dict_file(weights)  # before building, so that a bad file fails at once
         return load_checked(cls(config), state_dict, what=f"TiTok weights {weights}")
 
-    @property
-    def codebook_size(self) -> int:
-        return self.quantize.embedding.num_embeddings
-
-    @property
-    def token_size(self) -> int:
-        return self.quantize.embedding.embedding_dim
-
-    @property
-    def num_tokens(self) -> int:
-        return self.config["num_latent_tokens"]
-
-    @property
-    def image_size(self) -> int:
-        return self.config["image_size"]
-
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) in [0, 1], S = image_size -> tokens (B, N)."""
-        self._check_images(images)
+        self.check_images(images)
         z = self.encoder(images, self.latent_tokens)
         return self.quantize.nearest_codes(z.reshape(-1, z.shape[-1])).reshape(images.shape[0], -1)
 
-    @torch.no_grad()
-    def get_quantized_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N) -> their codebook vectors (B, N, token_size), L2-normalised when `use_l2_norm`."""
-        check_tokens(tokens, self.codebook_size)
+    def codebook_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised when `use_l2_norm`, as the original's look-up."""
         return self.quantize.codes(tokens)
 
     @torch.no_grad()
@@ -371,14 +348,6 @@ class TiTok(nn.Module):
             pixel_codes = torch.einsum("nchw,cd->ndhw", decoded.softmax(1), self.pixel_quantize.embedding.weight)
             decoded = self.pixel_decoder(pixel_codes)
         return decoded.clamp(0.0, 1.0)
-
-    def _check_images(self, images: torch.Tensor) -> None:
-        expected = (3, self.image_size, self.image_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}")
-
 
 def config_from_json(path: str) -> dict:
     """The TiTok config in a config.json written by the original's `save_pretrained` (its whole OmegaConf config)."""

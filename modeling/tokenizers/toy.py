@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_tokens
+from .base import Tokenizer
 
 
-class PatchKMeansTokenizer(nn.Module):
-    needs_fit = False  # set by the builder when there are no weights to load: training fits it
+class PatchKMeansTokenizer(Tokenizer):
+    """Set `needs_fit` (the builder does, when there are no weights to load) and training fits it."""
 
     def __init__(self, codebook_size: int, patch_size: int, image_size: int, channels: int = 3):
         super().__init__()
@@ -75,10 +75,7 @@ class PatchKMeansTokenizer(nn.Module):
         patches = self.patches(images)
         return self.nearest_codes(patches.reshape(-1, self.token_size)).reshape(patches.shape[:2])
 
-    @torch.no_grad()
-    def get_quantized_states(self, tokens: Tensor) -> Tensor:
-        """Tokens (B, N) → their codebook vectors (B, N, token_size)."""
-        check_tokens(tokens, self.codebook_size)
+    def codebook_vectors(self, tokens: Tensor) -> Tensor:
         return F.embedding(tokens, self.codebook)
 
     @torch.no_grad()

@@ -11,7 +11,6 @@ level a `res_blocks` stage, the decoder's stages listed coarsest first, and Mask
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Optional
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 from utils.weights import load_checked, load_state_dict_file, resolve_weights
 
-from .checks import check_images, check_tokens
+from .base import ConvTokenizer, conv_vqgan_sizes
 from .maskgit_vqgan import Conv2dSame, VectorQuantizer, group_norm, res_blocks
 
 # The 12-bit release (MaskBit's configs/tokenizer/vqgan_plus_12bit.yaml, reAR's configs/rear_vqplus.yaml); the
@@ -165,28 +164,16 @@ class Codebook(VectorQuantizer):
 def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Optional[dict]:
     """The architecture (RELEASED_CONFIG's keys) a VQGAN+ state dict was saved from, or None if it is not one
     (loading then lists the misfits)."""
-    names = ("encoder.conv_in.weight", "encoder.down.0.res_blocks.0.conv1.weight", "quantize.embedding.weight")
-    if not all(name in state_dict for name in names):
+    sizes = conv_vqgan_sizes(state_dict, "res_blocks")
+    if sizes is None:
         return None
-    hidden, num_channels = state_dict["encoder.conv_in.weight"].shape[:2]
-    levels = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down."))
-    blocks = 1 + max(int(k.split(".")[4]) for k in state_dict if k.startswith("encoder.down.0.res_blocks."))
-    mult = [state_dict[f"encoder.down.{i}.res_blocks.0.conv1.weight"].shape[0] // hidden for i in range(levels)]
-    codebook_size, token_size = state_dict["quantize.embedding.weight"].shape
-    return {
-        "codebook_size": codebook_size,
-        "token_size": token_size,
-        "num_channels": num_channels,
-        "hidden_channels": hidden,
-        "channel_mult": mult,
-        "num_resolutions": levels,
-        "num_res_blocks": blocks,
-        "sample_with_conv": levels > 1 and "encoder.down.0.down_conv.weight" in state_dict,
-    }
+    return {**sizes, "sample_with_conv": sizes["num_resolutions"] > 1 and "encoder.down.0.down_conv.weight" in state_dict}
 
 
-class VQGANPlus(nn.Module):
-    """The frozen tokenizer: `encode` images to tokens, `decode_tokens` back, `get_quantized_states` for alignment."""
+class VQGANPlus(ConvTokenizer):
+    """The frozen tokenizer: `encode` images to tokens, `decode_tokens` back, `get_quantized_states` for alignment
+    (the codebook vectors as MaskBit's lookup returns them, not normalised). Inputs are [0, 1] with no further
+    normalisation, as MaskBit trained."""
 
     def __init__(self, config: Optional[Mapping[str, Any]] = None, image_size: int = 256):
         super().__init__()
@@ -197,12 +184,7 @@ class VQGANPlus(nn.Module):
         self.encoder = Encoder(self.config)
         self.decoder = Decoder(self.config)
         self.quantize = Codebook(self.config["codebook_size"], self.config["token_size"])
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "VQGANPlus":
-        # Frozen: a parent's .train() must not switch it to training mode.
-        return super().train(False)
+        self.freeze()
 
     @classmethod
     def from_pretrained(
@@ -215,43 +197,3 @@ class VQGANPlus(nn.Module):
         if config is None:
             config = config_from_state_dict(state_dict)
         return load_checked(cls(config, image_size), state_dict, what=f"VQGAN+ weights {path}")
-
-    @property
-    def codebook_size(self) -> int:
-        return self.quantize.embedding.num_embeddings
-
-    @property
-    def token_size(self) -> int:
-        return self.quantize.embedding.embedding_dim
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (self.config["num_resolutions"] - 1)
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.image_size // self.downsample_factor) ** 2
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] (no further normalisation, as MaskBit trained) -> tokens (B, H/f * W/f)."""
-        check_images(images, self.config["num_channels"], self.downsample_factor)
-        z = self.encoder(images).permute(0, 2, 3, 1)  # (B, h, w, C): rows of z are token positions, row-major
-        return self.quantize.nearest_codes(z.reshape(-1, z.shape[-1])).reshape(images.shape[0], -1)
-
-    @torch.no_grad()
-    def get_quantized_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N) -> their codebook vectors (B, N, token_size), not normalised (as MaskBit's lookup)."""
-        check_tokens(tokens, self.codebook_size)
-        return self.quantize.embedding(tokens)
-
-    @torch.no_grad()
-    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N), N a square number -> images (B, 3, H, W) clamped to [0, 1]."""
-        codes = self.get_quantized_states(tokens)
-        side = math.isqrt(tokens.shape[1])
-        if side * side != tokens.shape[1]:
-            raise ValueError(f"decode_tokens needs a square number of tokens per image, got {tokens.shape[1]}")
-        # contiguous, as the original: a channels-last view would run other conv kernels (other rounding)
-        z = codes.reshape(tokens.shape[0], side, side, self.token_size).permute(0, 3, 1, 2).contiguous()
-        return self.decoder(z).clamp(0.0, 1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import List
 
 import numpy as np
@@ -35,6 +36,12 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 def load_rgb(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def decode_problem(err: BaseException) -> str:
+    """What a decoder said about bad image bytes, without the address of the in-memory file it names (so that
+    the same member met twice gives the same message, warned about once)."""
+    return f"{type(err).__name__}: {re.sub(r' <[^>]* at 0x[0-9a-f]+>', '', str(err))}"
 
 
 def five_crops(image: Image.Image, size: int) -> List[Image.Image]:

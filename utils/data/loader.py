@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from functools import partial
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
-from utils.data.images import load_rgb, training_transform
+from utils.data.images import decode_problem, load_rgb, training_transform
 from utils.data.pretokenized import TokenDataset, open_pretokenized
 from utils.data.toy import toy_images
 from utils.errors import DataError
@@ -88,16 +87,15 @@ def toy_token_dataset(config, tokenizer) -> TokenDataset:
     return TokenDataset(tokens.numpy().astype("uint16"), labels.numpy().astype("int32"))
 
 
-def expand_shards(pattern: str) -> List[str]:
-    """The shard list of a brace pattern; local shards must exist."""
+def expand_shards(pattern: str, source: str = "dataset.params.train_shards_path_or_url") -> List[str]:
+    """The shard list of a brace pattern; local shards must exist (`source`: where the pattern was given)."""
     import braceexpand
 
     urls = [u for part in pattern.split("::") for u in braceexpand.braceexpand(part)]
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
     if missing:
         raise DataError(
-            f"{len(missing)} of {len(urls)} training shards not found, e.g. {missing[0]} "
-            "(dataset.params.train_shards_path_or_url)"
+            f"{len(missing)} of {len(urls)} training shards not found, e.g. {missing[0]} ({source})"
         )
     return urls
 
@@ -108,10 +106,11 @@ def class_label(data) -> int:
 
 class DecodeSample:
     """A shard member → (image tensor, class id), or None (with a warning naming the shard and the key) when the
-    member cannot be decoded: one corrupt JPEG does not stop an 8-GPU run, and is not skipped silently."""
+    member cannot be decoded: one corrupt JPEG does not stop an 8-GPU run, and is not skipped silently. A class id
+    the model does not have stops the run (the labels, not one member, are wrong)."""
 
-    def __init__(self, transform):
-        self.transform = transform
+    def __init__(self, transform, num_classes: int):
+        self.transform, self.num_classes = transform, num_classes
 
     def __call__(self, sample: Dict) -> Optional[Tuple[torch.Tensor, int]]:
         where = f"shard {sample.get('__url__', '?')} member {sample.get('__key__', '?')}"
@@ -119,10 +118,14 @@ class DecodeSample:
         try:
             if image_key is None or "cls" not in sample:
                 raise DataError(f"no image or no 'cls' (keys: {sorted(k for k in sample if not k.startswith('__'))})")
-            return self.transform(load_rgb(sample[image_key])), class_label(sample["cls"])
+            image, label = self.transform(load_rgb(sample[image_key])), class_label(sample["cls"])
         except Exception as err:  # a corrupt or truncated member: every decoder error counts
-            warnings.warn(f"skipping {where}: {type(err).__name__}: {err}", stacklevel=1)
+            warnings.warn(f"skipping {where}: {decode_problem(err)}", stacklevel=1)
             return None
+        if not 0 <= label < self.num_classes:
+            raise DataError(f"{where}: class id {label}, outside [0, {self.num_classes}) "
+                            "(model.generator.condition_num_classes)")
+        return image, label
 
 
 def decodable(samples: Iterator[Optional[Tuple]]) -> Iterator[Tuple]:
@@ -143,7 +146,7 @@ def shard_loader(config, step: int) -> DataLoader:
         wds.ResampledShards(expand_shards(params.train_shards_path_or_url), seed=seed, deterministic=True),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         wds.shuffle(params.shuffle_buffer_size, seed=seed),
-        wds.map(DecodeSample(training_transform(pre))),
+        wds.map(DecodeSample(training_transform(pre), config.model.generator.condition_num_classes)),
         decodable,
         wds.batched(config.training.per_gpu_batch_size, partial=False),
     )
@@ -157,15 +160,12 @@ def shard_loader(config, step: int) -> DataLoader:
     )
 
 
-def as_batch(batch, num_classes: int) -> Dict[str, torch.Tensor]:
-    """Token batches as they are; image batches from shards as a dict, their labels checked (on the host)."""
+def as_batch(batch) -> Dict[str, torch.Tensor]:
+    """Token batches as they are; image batches from shards as a dict."""
     if isinstance(batch, dict):
         return batch
     images, class_ids = batch
-    class_ids = torch.as_tensor(class_ids)
-    if int(class_ids.max()) >= num_classes or int(class_ids.min()) < 0:
-        raise DataError(f"a training shard holds class id {int(class_ids.max())}, outside [0, {num_classes})")
-    return {"images": images, "class_ids": class_ids}
+    return {"images": images, "class_ids": torch.as_tensor(class_ids)}
 
 
 def training_dataset(config, tokenizer) -> TokenDataset | None:
@@ -177,13 +177,15 @@ def training_dataset(config, tokenizer) -> TokenDataset | None:
         dataset = open_pretokenized(params.pretokenization, params.pretokenized_cache_dir)
         source = params.pretokenization
     elif params.train_shards_path_or_url:
+        expand_shards(params.train_shards_path_or_url)  # missing shards stop the run before its folder is made
         return None
     else:
         raise DataError(
             "no training data: set dataset.params.pretokenization (a JSONL file) or "
             "dataset.params.train_shards_path_or_url (WebDataset shards), or dataset.name=toy"
         )
-    dataset.check(g.condition_num_classes, config.model.vq_model.codebook_size, g.image_seq_len, source)
+    dataset.check(g.condition_num_classes, config.model.vq_model.codebook_size, g.image_seq_len, source,
+                  prefix=getattr(tokenizer, "decodes_prefixes", False))
     return dataset
 
 
@@ -194,4 +196,4 @@ def batches(config, dataset: TokenDataset | None, rank: int, world_size: int, sa
         if dataset is None
         else token_loader(dataset, config, rank, world_size, samples_seen)
     )
-    return map(partial(as_batch, num_classes=config.model.generator.condition_num_classes), loader)
+    return map(as_batch, loader)

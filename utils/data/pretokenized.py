@@ -47,7 +47,7 @@ def cache_path(path: str, cache_dir: Optional[str] = None) -> str:
 def parse_line(line: bytes, path: str, line_number: int, seq_len: Optional[int]) -> tuple[int, np.ndarray]:
     where = f"{path}:{line_number}"
     try:
-        record = json.loads(line)
+        record = json.loads(line.rstrip(b"\r\n"))  # so that a JSON error's "line 1 column N" is this line's
         class_id, tokens = record["class_id"], np.asarray(record["tokens"]).reshape(-1)
     except (ValueError, KeyError, TypeError) as err:  # bad JSON or UTF-8, missing keys, ragged nested lists
         expected = '{"class_id": int, "tokens": [int, ...]}'
@@ -162,8 +162,9 @@ class TokenDataset(torch.utils.data.Dataset):
     def seq_len(self) -> int:
         return self.arrays()[0].shape[1]
 
-    def check(self, num_classes: int, codebook_size: int, seq_len: int, source: str) -> None:
-        """Every class id < num_classes, token id < codebook_size, and sequences of `seq_len` tokens."""
+    def check(self, num_classes: int, codebook_size: int, seq_len: int, source: str, prefix: bool = False) -> None:
+        """Every class id < num_classes, token id < codebook_size, and sequences of `seq_len` tokens (with `prefix`,
+        at least `seq_len`: a generator over the first tokens of a tokenizer that decodes prefixes)."""
         if self.meta is not None:
             largest_class, class_line = self.meta["max_class_id"], f"line {self.meta['max_class_id_line']}"
             largest_token, token_line = self.meta["max_token_id"], f"line {self.meta['max_token_id_line']}"
@@ -175,7 +176,7 @@ class TokenDataset(torch.utils.data.Dataset):
             raise DataError(f"{source} {class_line}: class id {largest_class} >= num_classes {num_classes}")
         if largest_token >= codebook_size:
             raise DataError(f"{source} {token_line}: token id {largest_token} >= codebook size {codebook_size}")
-        if self.seq_len != seq_len:
+        if self.seq_len < seq_len or (self.seq_len > seq_len and not prefix):
             raise DataError(f"{source}: {self.seq_len} tokens a line, but model.generator.image_seq_len is {seq_len}")
 
 

@@ -10,6 +10,7 @@ from the shards: `arr_0` uint8 (N, H, W, 3) as the ADM evaluator reads it, plus 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -21,8 +22,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from utils.errors import OutputError, UserError
-from utils.files import atomic_path, remove_temporaries, write_json
+from utils.errors import ConfigError, OutputError, UserError
+from utils.files import atomic_path, remove_temporaries, remove_temporaries_of, write_json
 
 MEMBERS = ("arr_0", "tokens", "labels")  # what a shard and the final .npz hold, in this order
 
@@ -31,7 +32,7 @@ MEMBERS = ("arr_0", "tokens", "labels")  # what a shard and the final .npz hold,
 def class_labels(num_samples: int, num_classes: int) -> np.ndarray:
     """Labels (num_samples,) int64: sample i has class i // (num_samples / num_classes)."""
     if num_samples <= 0 or num_samples % num_classes:
-        raise UserError(
+        raise ConfigError(
             f"sampling.num_samples ({num_samples}) must be a positive multiple of the {num_classes} classes, "
             "so that every class gets the same number of samples"
         )
@@ -71,10 +72,17 @@ def prepare_sample_dir(sample_dir: str, settings: dict) -> bool:
     """Record in `sample_dir/sampling.json` what the samples are made with, or check that a rerun uses the same
     (samples of other settings or another checkpoint must not end up in one file). True if `DIR.npz` is complete.
     Called once the models have loaded, so that a run that fails at start-up leaves no folder behind."""
+    remove_temporaries(sample_dir)  # what a killed run was writing
+    remove_temporaries_of(npz_path(sample_dir))
     path = os.path.join(sample_dir, "sampling.json")
+    recorded = None
     if os.path.isfile(path):
         with open(path) as f:
             recorded = json.load(f)
+    elif os.path.exists(npz_path(sample_dir)):
+        raise OutputError(f"{npz_path(sample_dir)} exists but was not made by this script here; delete it to resample")
+    made = os.path.exists(npz_path(sample_dir)) or glob.glob(os.path.join(glob.escape(sample_dir), "shards", "*.npz"))
+    if recorded is not None and made:
         differ = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
         if differ:
             changes = ", ".join(f"{k}: {recorded.get(k)!r} (there) vs {settings.get(k)!r} (now)" for k in differ)
@@ -82,16 +90,13 @@ def prepare_sample_dir(sample_dir: str, settings: dict) -> bool:
                 f"{sample_dir} holds samples made with other settings ({changes}); "
                 "use another experiment.output_dir, or delete that folder to start again"
             )
-        remove_temporaries(sample_dir)
-        remove_temporaries(os.path.dirname(os.path.abspath(npz_path(sample_dir))))
-    elif os.path.exists(npz_path(sample_dir)):
-        raise OutputError(f"{npz_path(sample_dir)} exists but was not made by this script here; delete it to resample")
-    else:
-        os.makedirs(os.path.join(sample_dir, "shards"), exist_ok=True)
-        write_json(path, settings)
     complete = os.path.isfile(npz_path(sample_dir))
     if complete:  # a kill after the .npz was renamed into place but before its shards were deleted
         shutil.rmtree(os.path.join(sample_dir, "shards"), ignore_errors=True)
+    else:
+        os.makedirs(os.path.join(sample_dir, "shards"), exist_ok=True)
+    if recorded != settings:  # a new folder, or one where nothing was made yet: the settings of this run
+        write_json(path, settings)
     return complete
 
 

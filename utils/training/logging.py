@@ -10,6 +10,7 @@ can sit beside an original run in one wandb project.
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -122,10 +123,8 @@ def start_trackers(accelerator, config, name: Optional[str], output_dir: str) ->
     e = config.experiment
     init_kwargs: Dict[str, dict] = {}
     if name == "wandb" and accelerator.is_main_process:
-        import wandb
-
         id_file = os.path.join(output_dir, "wandb_run_id")
-        run_id = open(id_file).read().strip() if os.path.isfile(id_file) else wandb.util.generate_id()
+        run_id = open(id_file).read().strip() if os.path.isfile(id_file) else secrets.token_hex(4)
         with open(id_file, "w") as f:
             f.write(run_id)
         init_kwargs["wandb"] = {"name": e.name, "entity": e.entity, "id": run_id, "resume": "allow", "dir": output_dir}

@@ -215,10 +215,12 @@ def prune_checkpoints(output_dir: str, keep: int) -> None:
             shutil.rmtree(doomed, ignore_errors=True)
 
 
-def clean_checkpoint_folder(output_dir: str) -> None:
-    """Remove what an interrupted save or prune left behind (temporaries only; checkpoints are never touched)."""
-    if os.path.isdir(checkpoint_root(output_dir)):
-        remove_temporaries(checkpoint_root(output_dir))
+def clean_output_folder(output_dir: str) -> None:
+    """Remove what an interrupted save, prune or final write left behind (temporaries only: checkpoints and
+    outputs are never touched)."""
+    for folder in (output_dir, os.path.join(output_dir, "samples"), checkpoint_root(output_dir)):
+        if os.path.isdir(folder):
+            remove_temporaries(folder)
 
 
 # ------------------------------------------------------------------------------------------- reading

@@ -34,13 +34,14 @@ def make_accelerator(config, tracker: Optional[str] = None, logging_dir: Optiona
     )
 
 
-def batch_tokens(batch: Dict[str, torch.Tensor], tokenizer, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, class_ids) on `device`; image batches are tokenized here by the frozen tokenizer."""
+def batch_tokens(batch: Dict[str, torch.Tensor], tokenizer, device, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, class_ids) on `device`, the first `length` tokens of each image (all of them but for a generator
+    over a prefix of ReTok's); image batches are tokenized here by the frozen tokenizer."""
     class_ids = batch["class_ids"].to(device, non_blocking=True)
     if "tokens" in batch:
-        return batch["tokens"].to(device, non_blocking=True).long(), class_ids
+        return batch["tokens"][:, :length].to(device, non_blocking=True).long(), class_ids
     with torch.no_grad():
-        return tokenizer.encode(batch["images"].to(device, non_blocking=True)), class_ids
+        return tokenizer.encode(batch["images"].to(device, non_blocking=True))[:, :length], class_ids
 
 
 def train_step(

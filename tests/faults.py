@@ -1,0 +1,117 @@
+"""Faults at chosen points of a run, for the reliability campaigns (installed in a script's process by
+tests/script_runner.py before the script starts; nothing in the project knows about them).
+
+A fault is a dict:
+    target  "module:attribute" of the function to wrap, e.g. "os:rename", "torch:save",
+            "utils.training.resume:save_file", "shutil:rmtree" (wrapped where the code looks it up)
+    match   a regex searched in the call's path-like arguments (default: any call)
+    nth     which matching call (default 1)
+    action  before   SIGKILL instead of the call
+            after    the call, then SIGKILL
+            torn     the call, then the file it wrote cut to half its size, then SIGKILL (a kill mid-write)
+            partial  half the files of the folder it was given deleted, then SIGKILL (a kill mid-rmtree)
+            enospc   the call, the file cut to half, then OSError(ENOSPC) raised (a disk that fills mid-write)
+            bug      RuntimeError raised instead of the call (a bug of ours)
+or {"fsize_limit": bytes}: a real limit on the size of any file the process writes (writes past it fail with
+EFBIG, "File too large", as on a full disk).
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+import re
+import resource
+import signal
+from typing import Callable, Dict, Sequence
+
+
+def install(faults: Sequence[Dict]) -> None:
+    for fault in faults:
+        if "fsize_limit" in fault:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fault["fsize_limit"], resource.RLIM_INFINITY))
+            continue
+        module_name, attribute = fault["target"].split(":")
+        owner = importlib.import_module(module_name)
+        *path, name = attribute.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        setattr(owner, name, _wrapped(getattr(owner, name), fault))
+
+
+def _wrapped(original: Callable, fault: Dict) -> Callable:
+    pattern, nth, action = re.compile(fault.get("match", "")), fault.get("nth", 1), ACTIONS[fault["action"]]
+    seen = 0
+
+    def wrapper(*args, **kwargs):
+        nonlocal seen
+        if pattern.search(" ".join(_path_of(a) or "" for a in args)):
+            seen += 1
+            if seen == nth:
+                return action(original, args, kwargs)
+        return original(*args, **kwargs)
+
+    return wrapper
+
+
+def _path_of(arg) -> str | None:
+    if isinstance(arg, (str, os.PathLike)):
+        return os.fspath(arg)
+    name = getattr(arg, "name", None)  # an open file
+    return name if isinstance(name, str) else None
+
+
+def _written_file(args) -> str:
+    """The file a writer wrote: its last path or open-file argument (flushed)."""
+    for arg in reversed(args):
+        if _path_of(arg) is not None:
+            if hasattr(arg, "flush"):
+                arg.flush()
+            return _path_of(arg)
+    raise ValueError("no path-like argument to tear")
+
+
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _before(original, args, kwargs):
+    _kill()
+
+
+def _after(original, args, kwargs):
+    original(*args, **kwargs)
+    _kill()
+
+
+def _torn(original, args, kwargs):
+    original(*args, **kwargs)
+    _cut_to_half(_written_file(args))
+    _kill()
+
+
+def _partial(original, args, kwargs):
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(args[0]) for f in names)
+    for path in files[::2]:
+        os.remove(path)
+    _kill()
+
+
+def _enospc(original, args, kwargs):
+    original(*args, **kwargs)
+    path = _written_file(args)
+    _cut_to_half(path)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def _bug(original, args, kwargs):
+    raise RuntimeError("injected bug")
+
+
+def _cut_to_half(path: str) -> None:
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+ACTIONS = {"before": _before, "after": _after, "torn": _torn, "partial": _partial, "enospc": _enospc, "bug": _bug}
