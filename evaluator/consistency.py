@@ -9,8 +9,10 @@ tokenizer would itself produce, the embedding unawareness reAR names (arXiv 2510
 is the generator–tokenizer inconsistency:
     gap.token_match = dataset − generated, gap.codebook_distance = generated − dataset (positive: generated worse).
 
-The decoded image is re-encoded as the 8-bit image the sampler saves (truncated like `modeling.sampler.to_uint8`),
-for generated and dataset tokens alike: what FID sees and what a real image is.
+The decoded image is re-encoded as the 8-bit image the sampler saves (`modeling.tokenizers.decoded_to_uint8`: the
+bytes the tokenizer's original writes), for generated and dataset tokens alike: what FID sees and what a real image
+is. A tokenizer that decodes prefixes (ReTok) takes sequences of its first k tokens; they are compared with the
+first k tokens of the re-encoding.
 
     python -m evaluator.consistency runs/samples/rear_s.npz config=configs/rear_s.yaml --reference data/val.jsonl
 """
@@ -26,7 +28,6 @@ from tqdm.auto import tqdm
 
 from evaluator.measurement import (
     PositionMeans,
-    check_counts,
     measurement_flags,
     new_figure,
     plot_by_position,
@@ -35,6 +36,7 @@ from evaluator.measurement import (
 )
 from evaluator.token_sets import FORMATS, TokenSet, load_token_set
 from modeling import build_tokenizer
+from modeling.tokenizers import decoded_to_uint8
 from utils.cli import Script, run
 from utils.config import canonical_choice
 
@@ -60,15 +62,16 @@ SCRIPT = Script(
 )
 
 
-def as_8bit(images: Tensor) -> Tensor:
-    """Images in [0, 1] as the sampler saves them (x·255 truncated to uint8), back in [0, 1]."""
-    return (images.float().clamp(0.0, 1.0) * 255.0).to(torch.uint8).float() / 255.0
+def as_8bit(images: Tensor, tokenizer: nn.Module) -> Tensor:
+    """Decoded images (B, 3, H, W) as the bytes the sampler saves for this tokenizer, back in [0, 1]."""
+    saved = torch.from_numpy(decoded_to_uint8(images, tokenizer)).to(images.device)
+    return saved.permute(0, 3, 1, 2).float() / 255.0
 
 
 @torch.no_grad()
 def retokenize(tokenizer: nn.Module, tokens: Tensor) -> Tensor:
-    """The tokens (B, N) of the 8-bit images that `tokens` decode to."""
-    return tokenizer.encode(as_8bit(tokenizer.decode_tokens(tokens)))
+    """The tokens of the 8-bit images that `tokens` (B, k) decode to: the first k of them."""
+    return tokenizer.encode(as_8bit(tokenizer.decode_tokens(tokens), tokenizer))[:, : tokens.shape[1]]
 
 
 @torch.no_grad()
@@ -111,13 +114,13 @@ def default_prefix(path: str) -> str:
 
 
 def main(config, flags) -> dict:
-    check_counts(flags)
     device = resolve_device(flags.device)
     generated = load_token_set(flags.tokens, flags.limit)  # bad files fail before the tokenizer loads
     dataset: Optional[TokenSet] = load_token_set(flags.reference, flags.limit) if flags.reference else None
     tokenizer = build_tokenizer(config).to(device).eval()
     for token_set in filter(None, (generated, dataset)):
-        token_set.check(tokenizer.codebook_size, tokenizer.num_tokens)
+        token_set.check(tokenizer.codebook_size, tokenizer.num_tokens,
+                        prefixes=getattr(tokenizer, "decodes_prefixes", False))
     results = {
         "tokenizer": canonical_choice(config, "model.vq_model.model_type"),
         "tokenizer_checkpoint": config.experiment.tokenizer_checkpoint

@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 
 from evaluator.measurement import (
     PositionMeans,
-    check_counts,
     measurement_flags,
     new_figure,
     plot_by_position,
@@ -160,7 +159,6 @@ def figure_of(results: dict):
 
 
 def main(config, flags) -> dict:
-    check_counts(flags)
     checkpoint = config.experiment.generator_checkpoint
     if not checkpoint:
         raise UsageError("set experiment.generator_checkpoint=PATH (a local file or a released name)")

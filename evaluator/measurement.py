@@ -10,8 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.cli import flag_parser
-from utils.errors import UsageError
+from utils.cli import flag_parser, positive_int, torch_device
 from utils.files import atomic_path, write_json
 
 
@@ -51,32 +50,18 @@ class PositionMeans:
 def measurement_flags():
     """A flag parser with the flags both measurements take."""
     flags = flag_parser()
-    flags.add_argument("--limit", type=int, default=None,
+    flags.add_argument("--limit", type=positive_int, default=None,
                        help="use this many sequences of each file, evenly spaced (default: all)")
-    flags.add_argument("--batch-size", type=int, default=64, help="sequences per batch")
-    flags.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if any)")
+    flags.add_argument("--batch-size", type=positive_int, default=64, help="sequences per batch")
+    flags.add_argument("--device", type=torch_device, default=None,
+                       help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if there is one)")
     flags.add_argument("--output", default=None, help="write OUTPUT.json and OUTPUT.png")
     return flags
 
 
-def check_counts(flags) -> None:
-    if flags.batch_size < 1:
-        raise UsageError(f"--batch-size is {flags.batch_size} (must be at least 1)")
-    if flags.limit is not None and flags.limit < 1:
-        raise UsageError(f"--limit is {flags.limit} (must be at least 1)")
-
-
 def resolve_device(name: Optional[str]) -> torch.device:
-    """The device named by --device, or CUDA when there is one; a device that is not here is a usage error."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise UsageError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible)")
-    return device
+    """The device --device names (checked when parsed), or CUDA when there is one."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # ----------------------------------------------------------------------------------------- the report
@@ -110,5 +95,5 @@ def write_report(prefix: str, results: dict, figure) -> None:
     print(f"wrote {prefix}.json and {prefix}.png")
 
 
-__all__ = ["PositionMeans", "check_counts", "measurement_flags", "new_figure", "plot_by_position", "position_bands",
+__all__ = ["PositionMeans", "measurement_flags", "new_figure", "plot_by_position", "position_bands",
            "resolve_device", "write_report"]

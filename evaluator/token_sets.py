@@ -33,10 +33,16 @@ class TokenSet:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def check(self, codebook_size: int, seq_len: int, num_classes: Optional[int] = None) -> None:
-        """Sequences of `seq_len` ids in [0, codebook_size) (and labels in [0, num_classes) when it is given)."""
-        if self.tokens.shape[1] != seq_len:
-            raise DataError(f"{self.source}: {self.tokens.shape[1]} tokens a sequence, but the model has {seq_len}")
+    def check(self, codebook_size: int, seq_len: int, num_classes: Optional[int] = None,
+              prefixes: bool = False) -> None:
+        """Sequences of `seq_len` ids (with `prefixes`, 1 to `seq_len`) in [0, codebook_size), and labels in
+        [0, num_classes) when it is given."""
+        length = self.tokens.shape[1]
+        if prefixes and not 1 <= length <= seq_len:
+            raise DataError(f"{self.source}: {length} tokens a sequence, but the tokenizer decodes the first 1 to "
+                            f"{seq_len} of its tokens")
+        if not prefixes and length != seq_len:
+            raise DataError(f"{self.source}: {length} tokens a sequence, but the model has {seq_len}")
         low, high = int(self.tokens.min()), int(self.tokens.max())
         if low < 0 or high >= codebook_size:
             raise DataError(f"{self.source}: token ids in [{low}, {high}], outside the codebook [0, {codebook_size})")

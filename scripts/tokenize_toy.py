@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
 
 from modeling import build_tokenizer  # noqa: E402
-from utils.cli import Script, flag_parser, run  # noqa: E402
+from utils.cli import Script, flag_parser, positive_int, run  # noqa: E402
 from utils.data.toy import toy_images  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
 from utils.files import atomic_open  # noqa: E402
@@ -26,7 +26,7 @@ HELD_OUT_SEED_OFFSET = 100  # default seed: dataset.toy.seed + this (training dr
 
 FLAGS = flag_parser()
 FLAGS.add_argument("--output", required=True, help="the JSON Lines file to write")
-FLAGS.add_argument("--num-images", type=int, default=1000, help="images to draw (default 1000)")
+FLAGS.add_argument("--num-images", type=positive_int, default=1000, help="images to draw (default 1000)")
 FLAGS.add_argument("--seed", type=int, default=None,
                    help=f"seed of the images (default: dataset.toy.seed + {HELD_OUT_SEED_OFFSET})")
 
@@ -50,8 +50,6 @@ def main(config, flags) -> None:
     seed = toy.seed + HELD_OUT_SEED_OFFSET if flags.seed is None else flags.seed
     if seed == toy.seed:
         raise UsageError(f"--seed {seed} is dataset.toy.seed, the training images' seed: choose another")
-    if flags.num_images < 1:
-        raise UsageError(f"--num-images is {flags.num_images} (must be at least 1)")
     tokenizer = build_tokenizer(config).eval()
     images, labels = toy_images(flags.num_images, toy.num_classes, toy.image_size, seed)
     with torch.no_grad():

@@ -19,7 +19,6 @@ from evaluator.measurement import position_bands
 from evaluator.token_sets import TokenSet, evenly_spaced, load_token_set
 from modeling import BACKBONES, TOKENIZERS, build_generator
 from modeling.generator import Generator
-from modeling.sampler import to_uint8
 from modeling.tokenizers import AliTok, MaskGITVQGAN, ReTok, TiTok, VQGANPlus
 from modeling.tokenizers.alitok import AliTokConfig
 from modeling.tokenizers.toy import PatchKMeansTokenizer
@@ -65,10 +64,14 @@ def random_tokens(count, length=16, high=LEVELS, seed=0):
     return torch.randint(high, (count, length), generator=torch.Generator().manual_seed(seed)).numpy()
 
 
-def test_8bit_images_are_the_bytes_the_sampler_saves():
+@pytest.mark.parametrize("rounding", ["truncate", "nearest"])
+def test_8bit_images_are_the_bytes_the_sampler_saves(rounding):
     images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1
-    again = consistency.as_8bit(images) * 255
-    assert torch.equal(again.round().permute(0, 2, 3, 1).to(torch.uint8), torch.from_numpy(to_uint8(images)))
+    tokenizer = level_tokenizer()
+    tokenizer.pixel_rounding = rounding
+    again = (consistency.as_8bit(images, tokenizer) * 255).round().permute(0, 2, 3, 1).to(torch.uint8)
+    expected = (images.clamp(0, 1) * 255 + (0.5 if rounding == "nearest" else 0)).clamp(max=255).floor()
+    assert torch.equal(again, expected.permute(0, 2, 3, 1).to(torch.uint8))
 
 
 def test_identity_like_tokenizer_gives_consistency_one():
@@ -139,6 +142,10 @@ def test_every_registered_tokenizer_is_measured():
                 assert whole[metric]["by_position"] == pytest.approx(one_by_one[metric]["by_position"], abs=1e-5), name
                 assert len(whole[metric]["by_position"]) == tokenizer.num_tokens, name
             assert 0.0 <= whole["token_match"]["mean"] <= 1.0 and whole["codebook_distance"]["mean"] >= 0.0, name
+            if getattr(tokenizer, "decodes_prefixes", False):  # sequences of its first k tokens (ReTok)
+                prefix = consistency.measure(tokenizer, TokenSet(tokens.tokens[:, :5], None, name), 3,
+                                             torch.device("cpu"))
+                assert len(prefix["token_match"]["by_position"]) == 5
 
 
 # ----------------------------------------------------------------------------------------- exposure bias
@@ -147,16 +154,13 @@ class Successor(Generator):
     `margin` on that token and 0 on every other."""
 
     def __init__(self, codebook_size=8, seq_len=6, num_classes=4, margin=3.0):
-        super().__init__()
-        self.codebook_size, self.image_seq_len, self.margin = codebook_size, seq_len, margin
-        self.num_classes = self.null_class = num_classes
+        super().__init__({"model": {"vq_model": {"codebook_size": codebook_size},
+                                    "generator": {"image_seq_len": seq_len, "condition_num_classes": num_classes}}})
+        self.margin = margin
 
     def hidden_states(self, input_ids, class_ids, layers, orders=None):
         previous = torch.cat([class_ids[:, None] - 1, input_ids[:, :-1]], dim=1)
         return self.margin * F.one_hot((previous + 1) % self.codebook_size, self.codebook_size).float(), {}
-
-    def check_ids(self, input_ids, class_ids):
-        pass
 
 
 def least_squares_slope(x, y):
@@ -306,7 +310,7 @@ def test_consistency_command_errors_are_one_line(tmp_path, level_checkpoint, cap
         ([str(tmp_path / "long.npy"), *base], 1, "20 tokens a sequence, but the model has 16"),
         ([str(tmp_path / "missing.npz"), *base], 1, "missing.npz: no such file"),
         ([*base], 2, "expected one TOKENS argument, got 0"),
-        ([str(tmp_path / "long.npy"), *base, "--batch-size", "0"], 2, "--batch-size is 0"),
+        ([str(tmp_path / "long.npy"), *base, "--batch-size", "0"], 2, "--batch-size: must be at least 1, got 0"),
     ]
     for argv, status, message in cases:
         assert command(consistency, argv) == status

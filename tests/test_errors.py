@@ -452,6 +452,10 @@ ENTRY_POINTS = {
     "scripts/convert_imagenet_to_wds.py": (),
     "scripts/benchmark.py": (),
     "-m evaluator": (),
+    "-m evaluator.consistency": ("model.vq_model.model_type", "experiment.tokenizer_checkpoint"),
+    "-m evaluator.exposure": ("experiment.generator_checkpoint", "model.generator.backbone"),
+    "-m evaluator.compare": (),
+    "scripts/tokenize_toy.py": ("dataset.toy", "experiment.tokenizer_checkpoint"),
 }
 
 
