@@ -25,7 +25,7 @@ from modeling.tokenizers.toy import PatchKMeansTokenizer
 from modeling.tokenizers.vqgan_plus import RELEASED_CONFIG as VQGAN_PLUS_KEYS
 from tiny_models import ROOT, TINY_CONFIG, TINY_VQGAN, one_thread, write_tiny_weights
 from utils.cli import run
-from utils.config import load_config
+from utils.config import load_config, to_container
 
 LEVELS = 16  # the level tokenizer's codes: constant 4x4 RGB patches at k / 15, k < 16
 TOY_CONFIG = ROOT / "configs" / "rear_toy.yaml"
@@ -401,6 +401,21 @@ def test_compare_prints_both_tables(tmp_path, capsys):
     assert "| ar | 0.8000 | 0.3000 | 1.0000 | 1.5000 | -1.0000 | -0.500/-1.000/-1.500 |" in text
     assert command(compare, ["--run", f"x={tmp_path}"]) == 1
     assert "consistency.json: no such file" in capsys.readouterr().err
+
+
+def test_toy_ar_is_the_toy_rear_run_without_its_regularisers():
+    def leaves(config, prefix=""):
+        for key, value in config.items():
+            yield from leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)]
+
+    ar, rear = (dict(leaves(to_container(load_config(str(ROOT / "configs" / f"{name}.yaml")))))
+                for name in ("ar_toy", "rear_toy"))
+    assert {key: (ar[key], rear[key]) for key in ar if ar[key] != rear[key]} == {
+        "experiment.name": ("ar_toy", "rear_toy"),
+        "experiment.output_dir": ("runs/ar_toy", "runs/rear_toy"),
+        "model.generator.perturb_mode": ("none", "switch"),
+        "model.generator.transition_alignment": (False, True),
+    }
 
 
 @pytest.mark.slow
