@@ -21,7 +21,6 @@ from utils.data.toy import toy_class_share, toy_images
 from utils.errors import DataError, UsageError
 
 FLAGS = flag_parser()
-FLAGS.add_argument("samples", help="the samples .npz (arr_0 uint8 images, labels)")
 FLAGS.add_argument("--inception-weights", default=None, help="also FID against fresh toy images (weights file)")
 FLAGS.add_argument("--allow-few-samples", action="store_true", help="FID over fewer than 2048 images anyway")
 FLAGS.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass")
@@ -34,6 +33,7 @@ SCRIPT = Script(
     example="python -m evaluator.toy runs/rear_toy_samples.npz config=runs/rear_toy/config.yaml",
     sections=("dataset.toy",),
     flags=FLAGS,
+    positional="samples",  # the samples .npz (arr_0 uint8 images, labels), before or after config=
 )
 
 
