@@ -55,6 +55,7 @@ from accelerate.state import AcceleratorState  # noqa: E402
 from modeling import build_generator  # noqa: E402
 from modeling.fast_sampler import FastSampler, decode_in_batches  # noqa: E402
 from modeling.objective import Objective  # noqa: E402
+from modeling.tokenizers.base import RandomCodebook  # noqa: E402
 from modeling.sampler import SamplingOptions, why_not_fast  # noqa: E402
 from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN  # noqa: E402
 from utils.cli import Script, flag_parser, positive_int, run, torch_device  # noqa: E402
@@ -178,17 +179,6 @@ def masked_attention(kind: str):
 
 
 # ----------------------------------------------------------------------------------------- training
-class RandomCodebook(nn.Module):
-    """A stand-in tokenizer for the objective: a random codebook looked up like a real tokenizer's."""
-
-    def __init__(self, codebook_size: int, width: int):
-        super().__init__()
-        self.embedding = nn.Embedding(codebook_size, width)
-
-    def get_quantized_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embedding(tokens)
-
-
 @dataclass(frozen=True)
 class TrainingVariant:
     key: str

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES, prefixed
+from modeling.tokenizers.base import RandomCodebook
 from modeling import build_generator, load_generator
 from modeling.backbones.alitok_ar import AliTokAR, rotary_table
 from modeling.objective import Objective
@@ -120,17 +121,6 @@ def test_objective_reproduces_original_training_loss(index):
 
 
 # --------------------------------------------------------------------------------------- reAR on AliTok's AR
-class RandomCodebook(torch.nn.Module):
-    """A stand-in tokenizer: the objective reads only its codebook vectors."""
-
-    def __init__(self, codebook_size, width):
-        super().__init__()
-        self.embedding = torch.nn.Embedding(codebook_size, width)
-
-    def get_quantized_states(self, tokens):
-        return self.embedding(tokens)
-
-
 def test_rear_heads_attach_and_train(tmp_path):
     config = tiny_config(transition_alignment=True, decode_align_layer_idx=2, projection_dim=16, z_dim=8,
                          perturb_mode="switch")

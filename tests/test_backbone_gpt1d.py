@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES, prefixed
+from modeling.tokenizers.base import RandomCodebook
 from modeling import build_generator, load_generator
 from modeling.backbones.gpt1d import GPT1D, GPT_SIZES
 from modeling.backbones.llamagen import ffn_hidden_size
@@ -158,15 +159,6 @@ def test_objective_reproduces_original_training_loss(run):
 
 
 # ------------------------------------------------------------------------------------------- reAR on GPT-1D
-class RandomCodebook(torch.nn.Module):
-    def __init__(self, codebook_size, width):
-        super().__init__()
-        self.embedding = torch.nn.Embedding(codebook_size, width)
-
-    def get_quantized_states(self, tokens):
-        return self.embedding(tokens)
-
-
 def test_rear_heads_attach_and_train():
     args = META["variants"]["plain"]["model_args"]
     config = project_config(args, transition_alignment=True, decode_align_layer_idx=2, projection_dim=16, z_dim=8,

@@ -15,6 +15,7 @@ from conftest import load_script
 from modeling import build_generator
 from modeling.fast_sampler import FastSampler
 from modeling.objective import Objective
+from modeling.tokenizers.base import RandomCodebook
 from tiny_models import TINY_CONFIG, write_tiny_weights
 from utils.config import load_config
 from utils.training.optim import build_optimizer, build_scheduler
@@ -34,15 +35,6 @@ def needs_cuda():
     yield
 
 
-class Codebook(torch.nn.Module):
-    def __init__(self, size, width):
-        super().__init__()
-        self.embedding = torch.nn.Embedding(size, width)
-
-    def get_quantized_states(self, tokens):
-        return self.embedding(tokens)
-
-
 @pytest.mark.parametrize("compile", [False, True])
 def test_bf16_step_with_fused_adamw_never_waits_for_the_host(compile):
     config = load_config(str(TINY_CONFIG), ["training.mixed_precision=bf16"])
@@ -52,7 +44,7 @@ def test_bf16_step_with_fused_adamw_never_waits_for_the_host(compile):
     assert optimizer.defaults["fused"] is True
     scheduler = build_scheduler(optimizer, config)
     step_model = torch.compile(model) if compile else model
-    objective = Objective(config, Codebook(32, 16).to(CUDA))
+    objective = Objective(config, RandomCodebook(32, 16).to(CUDA))
     tokens = torch.randint(0, 32, (8, 16), device=CUDA)
     classes = torch.randint(0, 10, (8,), device=CUDA)
     before = model.lm_head.weight.detach().clone()

@@ -34,6 +34,35 @@ def conv_vqgan_sizes(state_dict: Mapping[str, Tensor], blocks: str) -> Optional[
     }
 
 
+def resolve_sizes(released: Mapping[str, object], config: Optional[Mapping[str, object]], what: str) -> dict:
+    """A convolutional VQGAN's `released` config updated by `config`; an unknown key or inconsistent sizes are an
+    error naming the tokenizer (`what`)."""
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(released))
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {unknown}; known keys: {sorted(released)}")
+    resolved = {**released, **config}
+    resolved["channel_mult"] = list(resolved["channel_mult"])
+    if resolved["num_resolutions"] != len(resolved["channel_mult"]):
+        raise ValueError(
+            f"num_resolutions ({resolved['num_resolutions']}) must equal len(channel_mult) "
+            f"({len(resolved['channel_mult'])})"
+        )
+    return resolved
+
+
+class RandomCodebook(nn.Module):
+    """A stand-in for a tokenizer where only its alignment targets matter (speed measurements, tests of the
+    objective): a random codebook looked up as a tokenizer's `get_quantized_states` is."""
+
+    def __init__(self, codebook_size: int, width: int):
+        super().__init__()
+        self.embedding = nn.Embedding(codebook_size, width)
+
+    def get_quantized_states(self, tokens: Tensor) -> Tensor:
+        return self.embedding(tokens)
+
+
 class Tokenizer(nn.Module):
     """A frozen tokenizer. Subclasses set `self.quantize` (with an `embedding` table) and implement `encode`,
     `decode_tokens` and `codebook_vectors`; `num_tokens` and `image_size` say what one image is."""
@@ -124,4 +153,4 @@ class ConvTokenizer(Tokenizer):
         return self.decoder(z).clamp(0.0, 1.0)
 
 
-__all__ = ["ConvTokenizer", "SequenceTokenizer", "Tokenizer"]
+__all__ = ["ConvTokenizer", "RandomCodebook", "SequenceTokenizer", "Tokenizer", "conv_vqgan_sizes", "resolve_sizes"]

@@ -18,7 +18,7 @@ from torch import nn
 
 from utils.weights import load_checked, load_state_dict_file, resolve_weights
 
-from .base import ConvTokenizer, conv_vqgan_sizes
+from .base import ConvTokenizer, conv_vqgan_sizes, resolve_sizes
 
 # The released f16 tokenizer; a mapping with (some of) these keys builds another size.
 RELEASED_CONFIG = {
@@ -37,17 +37,7 @@ RELEASED_CONFIG = {
 
 def resolve_config(config: Optional[Mapping[str, Any]]) -> dict:
     """The released config updated by `config`; an unknown key or an inconsistent size is an error."""
-    config = dict(config or {})
-    unknown = sorted(set(config) - set(RELEASED_CONFIG))
-    if unknown:
-        raise ValueError(f"unknown MaskGIT-VQGAN config keys {unknown}; known keys: {sorted(RELEASED_CONFIG)}")
-    resolved = {**RELEASED_CONFIG, **config}
-    resolved["channel_mult"] = list(resolved["channel_mult"])
-    if resolved["num_resolutions"] != len(resolved["channel_mult"]):
-        raise ValueError(
-            f"num_resolutions ({resolved['num_resolutions']}) must equal len(channel_mult) "
-            f"({len(resolved['channel_mult'])})"
-        )
+    resolved = resolve_sizes(RELEASED_CONFIG, config, "MaskGIT-VQGAN")
     if resolved["z_channels"] != resolved["token_size"]:
         raise ValueError(
             f"z_channels ({resolved['z_channels']}) must equal token_size ({resolved['token_size']}): "

@@ -19,7 +19,7 @@ from torch import nn
 
 from utils.weights import load_checked, load_state_dict_file, resolve_weights
 
-from .base import ConvTokenizer, conv_vqgan_sizes
+from .base import ConvTokenizer, conv_vqgan_sizes, resolve_sizes
 from .maskgit_vqgan import Conv2dSame, VectorQuantizer, group_norm, res_blocks
 
 # The 12-bit release (MaskBit's configs/tokenizer/vqgan_plus_12bit.yaml, reAR's configs/rear_vqplus.yaml); the
@@ -38,18 +38,7 @@ RELEASED_CONFIG = {
 
 def _resolve_config(config: Optional[Mapping[str, Any]]) -> dict:
     """The released config updated by `config`; an unknown key or an inconsistent size is an error."""
-    config = dict(config or {})
-    unknown = sorted(set(config) - set(RELEASED_CONFIG))
-    if unknown:
-        raise ValueError(f"unknown VQGAN+ config keys {unknown}; known keys: {sorted(RELEASED_CONFIG)}")
-    resolved = {**RELEASED_CONFIG, **config}
-    resolved["channel_mult"] = list(resolved["channel_mult"])
-    if resolved["num_resolutions"] != len(resolved["channel_mult"]):
-        raise ValueError(
-            f"num_resolutions ({resolved['num_resolutions']}) must equal len(channel_mult) "
-            f"({len(resolved['channel_mult'])})"
-        )
-    return resolved
+    return resolve_sizes(RELEASED_CONFIG, config, "VQGAN+")
 
 
 class ResidualStage(nn.Module):
