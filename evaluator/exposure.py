@@ -41,6 +41,7 @@ from evaluator.measurement import (
 )
 from evaluator.token_sets import TokenSet, load_token_set
 from modeling import load_generator
+from modeling.tokenizers import decodes_prefixes
 from utils.cli import Script, run
 from utils.config import canonical_choice
 from utils.errors import UsageError
@@ -165,6 +166,8 @@ def main(config, flags) -> dict:
     device = resolve_device(flags.device)
     data = load_token_set(flags.data, flags.limit)  # a bad file fails before the generator loads
     g = config.model.generator
+    if decodes_prefixes(config) and data.tokens.shape[1] > g.image_seq_len:  # as training reads a prefix model's data
+        data.tokens = data.tokens[:, : g.image_seq_len]
     data.check(config.model.vq_model.codebook_size, g.image_seq_len, g.condition_num_classes)
     model = load_generator(config, checkpoint).to(device)
     results = {

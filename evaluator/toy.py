@@ -9,21 +9,20 @@ The npz is what scripts/sample_imagenet_rear.py writes (`arr_0` images, `labels`
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 
 from evaluator.evaluation import check_sample_counts
 from evaluator.metrics import compute_statistics, frechet_distance
-from utils.cli import Script, flag_parser, run
+from utils.cli import Script, flag_parser, positive_int, run
 from utils.data.toy import toy_class_share, toy_images
 from utils.errors import DataError, UsageError
+from utils.files import write_json
 
 FLAGS = flag_parser()
 FLAGS.add_argument("--inception-weights", default=None, help="also FID against fresh toy images (weights file)")
 FLAGS.add_argument("--allow-few-samples", action="store_true", help="FID over fewer than 2048 images anyway")
-FLAGS.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass")
+FLAGS.add_argument("--batch-size", type=positive_int, default=64, help="images per Inception forward pass")
 FLAGS.add_argument("--json", default=None, help="also write the scores to this JSON file")
 
 SCRIPT = Script(
@@ -79,8 +78,7 @@ def main(config, flags) -> dict:
         scores["FID"] = toy_fid(images, config, flags.inception_weights, flags.batch_size, device)
         print(f"FID against {len(images)} fresh toy images: {scores['FID']:.3f}")
     if flags.json:
-        with open(flags.json, "w") as f:
-            json.dump(scores, f, indent=2)
+        write_json(flags.json, scores)
     return scores
 
 

@@ -55,7 +55,8 @@ class FastSampler:
     the decode step through torch.compile (inductor's kernels, captured here like the eager step: the graph and
     its buffers stay in this class's hands); without it the step runs eagerly.
     Every buffer is allocated here, once, at a fixed address, as a graph needs. A captured graph reads the
-    weights where they were: update them in place (`load_state_dict`), or build a new sampler.
+    weights where they were: update them in place (`load_state_dict`), or build a new sampler; a copy in another
+    dtype takes the model's current weights at every call.
     """
 
     def __init__(self, model: ReAR, batch_size: int, guidance: bool = True, dtype: Optional[torch.dtype] = None,
@@ -63,6 +64,7 @@ class FastSampler:
         weight = model.lm_head.weight
         self.device = weight.device
         self.dtype = dtype or weight.dtype
+        self.source = model
         self.model = copy.deepcopy(model).to(self.dtype).eval() if self.dtype != weight.dtype else model
         self.batch_size, self.guidance = batch_size, guidance
         self.use_graph = self.device.type == "cuda" and cuda_graph is not False
@@ -91,6 +93,13 @@ class FastSampler:
         self.block_modulations = torch.zeros(len(m.blocks), conditions, self.length, 6 * dim, **table)
         self.head_modulations = torch.zeros(conditions, self.length, 2 * dim, **table)
         self.cfg_scales = {}  # (guidance_scale, power) -> the scales of all steps
+
+    @torch.no_grad()
+    def sync_weights(self) -> None:
+        """The copy in another dtype takes the model's current weights, in place (where a captured graph reads them)."""
+        if self.model is not self.source:
+            for mine, theirs in zip(self.model.parameters(), self.source.parameters()):
+                mine.copy_(theirs)
 
     def autocast(self):
         if self.dtype in (torch.bfloat16, torch.float16):
@@ -170,8 +179,9 @@ class FastSampler:
         """Tokens (B, N) for raw labels (B,), B = batch_size; the arguments are `ReAR.generate`'s."""
         m, batch, n = self.model, self.batch_size, self.model.image_seq_len
         m.check_ids(None, class_ids)
-        if m.training:
+        if self.source.training:
             raise ValueError("the generator is in training mode (dropout on): call .eval() before sampling")
+        self.sync_weights()
         if len(class_ids) != batch:
             raise ValueError(f"this sampler draws batches of {batch} (its buffers' shape), got {len(class_ids)}")
         if (guidance_scale != 0) != self.guidance:

@@ -51,6 +51,7 @@ class Generator(nn.Module):
     prefix_len: int = 1
     supports_orders: bool = False  # RAR's randomized order
     has_fast_sampler: bool = False
+    draws_before_sampling: bool = False  # see start_sampling
     guidance_schedule: str = "cosine_power"
     checkpoint_keys: Tuple[str, ...] = ()  # where a released training checkpoint keeps the weights ("model", ...)
 
@@ -124,7 +125,11 @@ class Generator(nn.Module):
 
     # ------------------------------------------------------------------------------ how its original samples
     def start_sampling(self, class_ids: Tensor) -> None:
-        """Random draws the original sampler makes before its first step (none by default)."""
+        """Random draws the original sampler makes before its first step. RAR's (and AliTok's, a fork of it) maps the
+        labels through its class-dropout routine with p = 0, which still draws one uniform per sample from the global
+        generator: without the same draw every token would differ (`draws_before_sampling`)."""
+        if self.draws_before_sampling:
+            torch.rand(class_ids.shape, device=class_ids.device)
 
     def uses_guidance(self, guidance_scale: float) -> bool:
         """Whether sampling at this scale runs the rows [conditional; null class] (RAR's samplers: any scale but 0)."""

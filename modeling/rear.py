@@ -159,12 +159,12 @@ class ReAR(Generator):
     prefix_len = 2  # [cls, class, tok_0, ...]: position 2+i reads tok_i
     supports_orders = True
     has_fast_sampler = True
+    draws_before_sampling = True
 
     def __init__(self, config):
         super().__init__(config)
         config = validate(config)
         g = config.model.generator
-        self.mask_token_id = self.codebook_size
         dim, n = g.hidden_size, g.image_seq_len
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -250,11 +250,6 @@ class ReAR(Generator):
         return self.head(x[:, 1:-1], c[:, 1:-1]), kept
 
     # ------------------------------------------------------------------------------ sampling
-    def start_sampling(self, class_ids: Tensor) -> None:
-        # The original maps the labels through its class-dropout routine with p = 0, which still draws one
-        # uniform per sample from the global generator; without the same draw every token would differ.
-        torch.rand(class_ids.shape, device=class_ids.device)
-
     def new_caches(self, rows: int) -> DecodeState:
         return DecodeState([KVCache(self.image_seq_len + 1) for _ in self.blocks], self.position_tables())
 

@@ -11,7 +11,6 @@ graph) where it serves the backbone and the settings (`why_not_fast`), else this
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple, Union
 
@@ -205,8 +204,6 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-# One fast sampler per (model, batch rows, guidance, dtype): built once, its buffers (and CUDA graph) reused.
-_FAST_SAMPLERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def fast_sampler_for(model: nn.Module, batch_size: int, guidance: bool, precision: str):
@@ -214,7 +211,9 @@ def fast_sampler_for(model: nn.Module, batch_size: int, guidance: bool, precisio
 
     device = next(model.parameters()).device
     dtype = torch.bfloat16 if effective_precision(precision, device) == "bf16" else None
-    samplers = _FAST_SAMPLERS.setdefault(model, {})
+    # One per (batch rows, guidance, dtype), kept on the model: built once, its buffers (and CUDA graph) reused, and
+    # freed with the model.
+    samplers = model.__dict__.setdefault("_fast_samplers", {})
     key = (batch_size, guidance, dtype)
     if key not in samplers:
         samplers[key] = FastSampler(model, batch_size, guidance=guidance, dtype=dtype)

@@ -322,7 +322,6 @@ def measure_sampling(config, args, device, dtype) -> Dict:
         run(key, description, lambda: sampler.generate(classes, **settings))
         if results[key]["images_per_s"] > results[fastest[0]]["images_per_s"]:
             fastest = key, partial(sampler.generate, classes, **settings)
-        del sampler
     run("plain", "plain: no KV cache (recomputes the prefix), fp32",
         lambda: model.generate(classes, **loop_settings, kv_cache=False), warmup=False, repeats=args.plain_repeats)
     for key, entry in results.items():

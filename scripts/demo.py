@@ -22,8 +22,9 @@ sys.path.insert(0, ROOT)  # run from a clone, uninstalled
 
 from modeling import build_tokenizer, load_generator  # noqa: E402
 from modeling.sampler import SamplingOptions, sample_images  # noqa: E402
-from modeling.tokenizers import decoded_to_uint8  # noqa: E402
+from modeling.tokenizers import RELEASED_WEIGHTS, decoded_to_uint8  # noqa: E402
 from utils.cli import Script, flag_parser, positive_int, run, torch_device  # noqa: E402
+from utils.config import canonical_choice, check  # noqa: E402
 from utils.errors import MissingWeightsError, UsageError  # noqa: E402
 from utils.grids import class_caption, labelled_grid, save_png  # noqa: E402
 from utils.weights import GENERATOR_FILENAMES, TOKENIZER_FILENAME, resolve_weights  # noqa: E402
@@ -85,14 +86,18 @@ def main(config, flags) -> None:
             raise UsageError(f"this config's {config.model.generator.backbone} generator has no weights named: pass "
                              "--generator PATH (or experiment.generator_checkpoint=PATH)")
         generator = GENERATOR_FILENAMES[flags.model]
-    generator_path, tokenizer_path = fetch_weights(
-        generator,
-        flags.tokenizer or config.experiment.tokenizer_checkpoint or config.model.vq_model.pretrained_tokenizer_weight,
-    )
-    config.experiment.tokenizer_checkpoint = tokenizer_path
     for key in ("guidance_scale", "guidance_scale_pow", "temperature", "top_k", "top_p", "precision"):
         if getattr(flags, key) is not None:
             config.sampling[key] = getattr(flags, key)
+    check(config, "the command line")  # the flags' values, as every other value
+    vq = config.model.vq_model
+    tokenizer = (flags.tokenizer or config.experiment.tokenizer_checkpoint or vq.pretrained_tokenizer_weight
+                 or RELEASED_WEIGHTS.get(canonical_choice(config, "model.vq_model.model_type")))
+    if tokenizer is None:
+        raise UsageError(f"this config's {vq.model_type} tokenizer has no weights named: pass --tokenizer PATH "
+                         "(or experiment.tokenizer_checkpoint=PATH)")
+    generator_path, tokenizer_path = fetch_weights(generator, tokenizer)
+    config.experiment.tokenizer_checkpoint = tokenizer_path
     device = torch.device(flags.device)
     tokenizer = build_tokenizer(config).to(device).eval()  # first: a config that does not describe it fails here
     generator = load_generator(config, generator_path).to(device)

@@ -12,13 +12,12 @@ import json
 import os
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
 
 from modeling import build_tokenizer  # noqa: E402
 from utils.cli import Script, flag_parser, positive_int, run  # noqa: E402
-from utils.data.toy import toy_images  # noqa: E402
+from utils.data.toy import encode_images, toy_images  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
 from utils.files import atomic_open  # noqa: E402
 
@@ -52,8 +51,7 @@ def main(config, flags) -> None:
         raise UsageError(f"--seed {seed} is dataset.toy.seed, the training images' seed: choose another")
     tokenizer = build_tokenizer(config).eval()
     images, labels = toy_images(flags.num_images, toy.num_classes, toy.image_size, seed)
-    with torch.no_grad():
-        tokens = torch.cat([tokenizer.encode(part) for part in images.split(256)]).tolist()
+    tokens = encode_images(tokenizer, images, batch_size=256).tolist()
     with atomic_open(flags.output) as out:
         for class_id, row in zip(labels.tolist(), tokens):
             out.write(json.dumps({"class_id": class_id, "tokens": row}) + "\n")

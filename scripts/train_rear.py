@@ -10,7 +10,6 @@ for the toy data set, tokenizer.safetensors and samples/final.png with the class
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import sys
@@ -21,7 +20,7 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
+from accelerate.utils import broadcast_object_list, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
@@ -97,10 +96,12 @@ def main(config, flags=None) -> dict:
         clean_output_folder(out)
         with atomic_open(os.path.join(out, "config.yaml")) as f:
             f.write(to_yaml(config))
-    with accelerator.main_process_first():  # the main process sets damaged checkpoints aside first
-        checkpoint = latest_checkpoint(out, warn=lambda message: accelerator.print(message, file=sys.stderr))
-        if accelerator.is_main_process:  # a kill between a save and its pruning left one checkpoint too many
-            prune_checkpoints(out, config.experiment.keep_last_checkpoints)
+    # The main process verifies the checkpoints (and sets damaged ones aside); the others take its choice.
+    checkpoint = [None]
+    if accelerator.is_main_process:
+        checkpoint[0] = latest_checkpoint(out, warn=lambda message: print(message, file=sys.stderr))
+        prune_checkpoints(out, config.experiment.keep_last_checkpoints)  # a kill between a save and its pruning
+    checkpoint = broadcast_object_list(checkpoint)[0]
     # The data iterator is made before the random state is set (or restored): making it draws from it.
     state = read_train_state(checkpoint) if checkpoint else {"step": 0, "samples_seen": 0}
     step, samples_seen = state["step"], state["samples_seen"]
@@ -153,7 +154,8 @@ def main(config, flags=None) -> dict:
         if step % config.experiment.generate_every == 0:
             stop_if_non_finite(accelerator, window)
             if accelerator.is_main_process:
-                sample_grid(sampling_model(generator, ema), tokenizer, config, step, accelerator, tracker)
+                sample_grid(ema.averaged_model(generator) if ema else generator, tokenizer, config, step, accelerator,
+                            tracker)
         if step % config.experiment.save_every == 0 or step == last_step:
             stop_if_non_finite(accelerator, window)
             save(accelerator, config, step, samples_seen, generator, optimizer, scheduler, ema)
@@ -164,7 +166,7 @@ def main(config, flags=None) -> dict:
         final = ema.model_state_dict(generator) if ema is not None else generator.state_dict()
         save_weights(os.path.join(out, "generator.safetensors"), final)
         if toy:
-            summary.update(finish_toy(sampling_model(generator, ema), tokenizer, config))
+            summary.update(finish_toy(ema.averaged_model(generator) if ema else generator, tokenizer, config))
         write_json(os.path.join(out, "summary.json"), summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -226,15 +228,6 @@ def save(accelerator, config, step, samples_seen, generator, optimizer, schedule
     save_checkpoint(out, step, train_state, write_shared, accelerator.wait_for_everyone, accelerator.process_index)
     if accelerator.is_main_process:
         prune_checkpoints(out, config.experiment.keep_last_checkpoints)
-
-
-def sampling_model(generator, ema):
-    """The generator to sample from: the EMA weights in a copy when there are some."""
-    if ema is None:
-        return generator
-    model = copy.deepcopy(generator)  # not a new model: its random init would draw from the training stream
-    model.load_state_dict(ema.model_state_dict(generator))
-    return model
 
 
 def grid_classes(num_classes: int, count: int) -> torch.Tensor:

@@ -445,3 +445,22 @@ def test_toy_ablation_script_runs_end_to_end(tmp_path):
         assert (out / run_name / "consistency.png").is_file() and (out / run_name / "exposure.png").is_file()
     table = (out / "table.md").read_text()
     assert "| ar_toy |" in table and "| rear_toy |" in table and "nan" not in table
+
+
+def test_exposure_of_a_prefix_generator_reads_the_first_tokens_as_training_does(tmp_path, tiny_weights, capsys):
+    """Over ReTok (which decodes any first k tokens) a generator of k tokens is measured on the first k tokens of
+    longer held-out lines, as training reads them; over a tokenizer without prefixes longer lines are an error."""
+    long_tokens = random_tokens(6, 24, 32, seed=5)
+    write_jsonl(tmp_path / "long.jsonl", long_tokens, np.arange(6))
+    write_jsonl(tmp_path / "first16.jsonl", long_tokens[:, :16], np.arange(6))
+    common = [f"config={TINY_CONFIG}", f"experiment.generator_checkpoint={tiny_weights[0]}", "--rates", "0.5"]
+    for name, data, tokenizer in (("long", "long.jsonl", "retok"), ("first16", "first16.jsonl", "maskgit_vqgan")):
+        argv = [*common, f"model.vq_model.model_type={tokenizer}", f"experiment.output_dir={tmp_path / name}",
+                "--data", str(tmp_path / data)]
+        assert command(exposure, argv) == 0
+    long_result, first16 = (json.loads((tmp_path / name / "exposure.json").read_text())["by_rate"]
+                            for name in ("long", "first16"))
+    assert long_result == first16
+    argv = [*common, f"experiment.output_dir={tmp_path / 'refused'}", "--data", str(tmp_path / "long.jsonl")]
+    assert command(exposure, argv) == 1
+    assert "24 tokens a sequence, but the model has 16" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from modeling.objective import Objective
 from modeling.tokenizers.base import RandomCodebook
 from tiny_models import TINY_CONFIG, write_tiny_weights
 from utils.config import load_config
+from utils.training.logging import MetricWindow
 from utils.training.optim import build_optimizer, build_scheduler
 from utils.training.step import make_accelerator, train_step
 
@@ -50,10 +51,12 @@ def test_bf16_step_with_fused_adamw_never_waits_for_the_host(compile):
     before = model.lm_head.weight.detach().clone()
     for step in range(3):  # compilation and warm-up happen in the first steps
         terms, _, _ = train_step(accelerator, step_model, objective, lambda: (tokens, classes), optimizer, scheduler, step)
+    window = MetricWindow(CUDA)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any host sync in the step raises
+    torch.cuda.set_sync_debug_mode("error")  # any host sync in the step or its metrics raises
     try:
         terms, _, _ = train_step(accelerator, step_model, objective, lambda: (tokens, classes), optimizer, scheduler, 3)
+        window.add(terms, 4)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(terms["loss"]).item() and not torch.equal(model.lm_head.weight, before)

@@ -8,7 +8,6 @@ import torch
 from conftest import prefixed
 from modeling.fast_sampler import FastSampler, decode_in_batches
 from modeling.objective import noisy_context, rear_loss
-from modeling.rear import ReAR
 from modeling.sampler import cfg_scale_at
 from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN
 from test_benchmark import load_benchmark
@@ -75,6 +74,11 @@ def test_bf16_runs_on_a_copy(golden_generator):
     assert first.shape == (4, 16) and 0 <= int(first.min()) and int(first.max()) < 32
     assert sampler.model is not golden_generator and sampler.model.lm_head.weight.dtype == torch.bfloat16
     assert golden_generator.lm_head.weight.dtype == torch.float32
+    with torch.no_grad():  # weights changed in place (training between two sample grids): the copy follows
+        golden_generator.lm_head.bias.add_(torch.linspace(-8, 8, 32))
+    torch.manual_seed(0)
+    assert not torch.equal(sampler.generate(classes, 4.0, 2.75), first)
+    assert torch.equal(sampler.model.lm_head.bias, golden_generator.lm_head.bias.to(torch.bfloat16))
 
 
 def test_refuses_what_its_buffers_do_not_fit(golden_generator):
@@ -155,7 +159,7 @@ def test_activation_checkpointing_gives_identical_loss_and_gradients(golden_gene
 def test_the_call_site_draws_the_plain_tokens_for_every_batch_size(golden_generator, sampler):
     """`generate_tokens` (what every script calls): the fast sampler, one per batch shape (the last batch of a run
     is smaller), or the readable loop with sampling.sampler=plain; the same tokens as `ReAR.generate`."""
-    from modeling.sampler import SamplingOptions, _FAST_SAMPLERS, generate_tokens
+    from modeling.sampler import SamplingOptions, generate_tokens
 
     options = SamplingOptions(3.0, 1.0, 1.0, sampler=sampler)
     for size in (5, 5, 2, 1):  # a full batch twice (the same sampler again), then two smaller last batches
@@ -164,5 +168,5 @@ def test_the_call_site_draws_the_plain_tokens_for_every_batch_size(golden_genera
         tokens = generate_tokens(golden_generator, classes, options)
         torch.manual_seed(size)
         assert torch.equal(tokens, golden_generator.generate(classes, 3.0, 1.0, 1.0))
-    built = sorted(key[0] for key in _FAST_SAMPLERS.get(golden_generator, {}))
+    built = sorted(key[0] for key in golden_generator.__dict__.get("_fast_samplers", {}))
     assert built == ([1, 2, 5] if sampler == "fast" else [])

@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES, prefixed

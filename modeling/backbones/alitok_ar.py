@@ -115,6 +115,7 @@ class AliTokAR(Generator):
     `alitok_{b,l,xl}.bin` (plain state dicts)."""
 
     prefix_len = 1  # position 1+i reads tok_i: the class token comes first
+    draws_before_sampling = True  # its sampler is RAR's
 
     def __init__(self, config):
         super().__init__(config)
@@ -168,10 +169,6 @@ class AliTokAR(Generator):
         return self.head(x[:, :-1]), kept
 
     # ------------------------------------------------------------------------------ sampling
-    def start_sampling(self, class_ids: Tensor) -> None:
-        # RAR's draw: the original maps the labels through its class dropout with p = 0 (one uniform a sample).
-        torch.rand(class_ids.shape, device=class_ids.device)
-
     def new_caches(self, rows: int) -> List[KVCache]:
         """Empty key/value caches for sequences of up to N+1 positions, one a block (allocated at the first write:
         under autocast queries and keys are float32 after the rotary, values are not)."""

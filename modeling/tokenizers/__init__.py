@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Set
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -41,6 +41,7 @@ from .vqgan_plus import VQGANPlus
 TokenizerBuilder = Callable[[object, Optional[str]], nn.Module]
 TOKENIZERS: Dict[str, TokenizerBuilder] = {}
 RELEASED_WEIGHTS: Dict[str, str] = {}  # the weights a tokenizer loads when the config names none
+PREFIX_TOKENIZERS: Set[str] = set()  # tokenizers that decode any first k of their tokens (ReTok)
 # The sizes an original fixes in its code rather than its YAML, which `model.vq_model.architecture` may set.
 ARCHITECTURE_KEYS = {
     "alitok": tuple(f.name for f in fields(AliTokConfig)
@@ -49,9 +50,10 @@ ARCHITECTURE_KEYS = {
 }
 
 
-def register_tokenizer(name: str, *aliases: str, released: Optional[str] = None) -> Callable[[TokenizerBuilder], TokenizerBuilder]:
+def register_tokenizer(name: str, *aliases: str, released: Optional[str] = None,
+                       decodes_prefixes: bool = False) -> Callable[[TokenizerBuilder], TokenizerBuilder]:
     """Register `builder` under `name` (and the original configs' other names for it, `aliases`); `released` is the
-    published weights file used when the config gives none."""
+    published weights file used when the config gives none; `decodes_prefixes`: any first k of its tokens decode."""
 
     def register(builder: TokenizerBuilder) -> TokenizerBuilder:
         if name in TOKENIZERS:
@@ -59,6 +61,8 @@ def register_tokenizer(name: str, *aliases: str, released: Optional[str] = None)
         TOKENIZERS[name] = builder
         if released:
             RELEASED_WEIGHTS[name] = released
+        if decodes_prefixes:
+            PREFIX_TOKENIZERS.add(name)
         for key in (name, *aliases):
             register_choice("model.vq_model.model_type", key, canonical=name)
         return builder
@@ -123,7 +127,7 @@ def build_alitok(config, checkpoint: Optional[str]) -> nn.Module:
     return AliTok.from_pretrained(checkpoint, architecture) if checkpoint else AliTok(architecture)
 
 
-@register_tokenizer("retok")
+@register_tokenizer("retok", decodes_prefixes=True)
 def build_retok(config, checkpoint: Optional[str]) -> nn.Module:
     """ReTok, the architecture from the original init_args' keys in `model.vq_model` (VQ_SB256 released), at
     `dataset.preprocessing.crop_size`."""
@@ -172,6 +176,11 @@ def decoded_to_uint8(images: Tensor, tokenizer: nn.Module) -> np.ndarray:
         # 127.5 y + 128 (y = 2x - 1)
         images = images.float() + 0.5 / 255
     return to_uint8(images)
+
+
+def decodes_prefixes(config) -> bool:
+    """Whether the config's tokenizer decodes any first k of its tokens, so that a generator may model only those."""
+    return canonical_choice(config, "model.vq_model.model_type") in PREFIX_TOKENIZERS
 
 
 def build_tokenizer(config, fit_images: Optional[Tensor] = None, random_weights: bool = False) -> nn.Module:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from utils.data.images import decode_problem, load_rgb, training_transform
 from utils.data.pretokenized import TokenDataset, open_pretokenized
-from utils.data.toy import toy_images
+from utils.data.toy import encode_images, toy_images
 from utils.errors import DataError
 
 
@@ -83,7 +83,7 @@ def toy_token_dataset(config, tokenizer) -> TokenDataset:
     """The toy images of `dataset.toy`, tokenized by `tokenizer` (seconds on a CPU)."""
     toy = config.dataset.toy
     images, labels = toy_images(toy.num_images, toy.num_classes, toy.image_size, toy.seed)
-    tokens = torch.cat([tokenizer.encode(chunk) for chunk in images.split(4096)])
+    tokens = encode_images(tokenizer, images)
     return TokenDataset(tokens.numpy().astype("uint16"), labels.numpy().astype("int32"))
 
 
@@ -132,11 +132,12 @@ def decodable(samples: Iterator[Optional[Tuple]]) -> Iterator[Tuple]:
     return (sample for sample in samples if sample is not None)
 
 
-def shard_loader(config, step: int) -> DataLoader:
+def shard_loader(config, step: int, rank: int = 0) -> DataLoader:
     """An endless stream of image batches from the shards, resampled per worker and process.
 
     Streaming shards cannot seek, so a resumed run is not a replay: its stream is seeded with the step it resumes
-    from, so that it reads fresh samples rather than the beginning of the old stream again.
+    from, so that it reads fresh samples rather than the beginning of the old stream again. The workers' random crops
+    and flips are seeded per process too (every process starts from the same training seed).
     """
     import webdataset as wds
 
@@ -157,6 +158,7 @@ def shard_loader(config, step: int) -> DataLoader:
         num_workers=workers,
         pin_memory=params.pin_memory and torch.cuda.is_available(),
         persistent_workers=params.persistent_workers and workers > 0,
+        generator=torch.Generator().manual_seed(seed * 1_000_003 + rank),
     )
 
 
@@ -192,7 +194,7 @@ def training_dataset(config, tokenizer) -> TokenDataset | None:
 def batches(config, dataset: TokenDataset | None, rank: int, world_size: int, samples_seen: int, step: int):
     """Endless iterator of batches ({"tokens" or "images", "class_ids"}) from the data position of the run."""
     loader = (
-        shard_loader(config, step)
+        shard_loader(config, step, rank)
         if dataset is None
         else token_loader(dataset, config, rank, world_size, samples_seen)
     )

@@ -101,6 +101,13 @@ class ToyClassifier:
         return (self.predict(images) == labels).float().mean().item()
 
 
+@torch.no_grad()
+def encode_images(tokenizer, images: Tensor, batch_size: int = 4096) -> Tensor:
+    """Tokens (N, L) on the CPU of CPU images (N, 3, H, W), encoded in batches on the tokenizer's device."""
+    device = next(tokenizer.parameters()).device
+    return torch.cat([tokenizer.encode(chunk.to(device)).cpu() for chunk in images.split(batch_size)])
+
+
 def tokenizer_fit_images(config) -> Tensor:
     """The toy images the toy tokenizer is fitted on (the same for the same `dataset.toy`)."""
     toy = config.dataset.toy

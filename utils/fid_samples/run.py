@@ -19,11 +19,11 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from utils.errors import ConfigError, OutputError, UserError
 from utils.files import atomic_path, remove_temporaries, remove_temporaries_of, write_json
+from utils import grids
 
 MEMBERS = ("arr_0", "tokens", "labels")  # what a shard and the final .npz hold, in this order
 
@@ -159,7 +159,7 @@ def make_shards(
         images, tokens = sample_batch(torch.from_numpy(labels[start:end]).to(device))
         if save_png:  # before the shard: a batch with a shard has all its PNGs
             for index, image in enumerate(images, start):
-                Image.fromarray(image).save(os.path.join(sample_dir, f"{index:06d}.png"))
+                grids.save_png(image, os.path.join(sample_dir, f"{index:06d}.png"))
         save_shard(shard_path(sample_dir, b), {"arr_0": images, "tokens": tokens, "labels": labels[start:end]})
         bar.update(end - start)
     bar.close()

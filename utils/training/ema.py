@@ -8,6 +8,7 @@ with d_1 = 0 (the first update copies the weights). The original creates it with
 
 from __future__ import annotations
 
+import copy
 from typing import Dict
 
 import torch
@@ -31,6 +32,7 @@ class EMA:
         self.decay, self.step = decay, 0
         self.names = [n for n, _ in model.named_parameters()]
         self.shadow = [p.detach().clone() for p in model.parameters()]
+        self.copy = None  # the model with the averaged weights, for sampling (`averaged_model`)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -49,6 +51,14 @@ class EMA:
         for name, shadow in zip(self.names, self.shadow):
             shadow.copy_(state[name])
         self.step = int(state[STEP_KEY]) if STEP_KEY in state else 0
+
+    def averaged_model(self, model: nn.Module) -> nn.Module:
+        """`model` with the averaged weights: one copy, made once (not a new model, whose random init would draw from
+        the training stream) and refreshed in place at each call, so that its samplers' buffers are reused."""
+        if self.copy is None:
+            self.copy = copy.deepcopy(model)
+        self.copy.load_state_dict(self.model_state_dict(model))
+        return self.copy
 
     def model_state_dict(self, model: nn.Module) -> Dict[str, torch.Tensor]:
         """`model.state_dict()` with the averaged weights in place of the parameters (buffers as they are)."""

@@ -18,6 +18,7 @@ import torch
 
 from utils.config import to_container
 from utils.errors import UsageError
+from utils.files import atomic_open
 
 NAMES = ("loss", "ce", "encode_alignment", "decode_alignment", "token_accuracy", "grad_norm")
 ORIGINAL_NAMES = {
@@ -51,7 +52,8 @@ class MetricWindow:
         values = torch.stack([terms[name].float() for name in NAMES])
         self.sums += values
         self.count += 1
-        bad = ~torch.isfinite(values[[0, len(NAMES) - 1]]).all() & (self.first_non_finite < 0)
+        # the loss (first) and the gradient norm (last); slices, since a list index would be copied from the host
+        bad = ~(torch.isfinite(values[0]) & torch.isfinite(values[-1])) & (self.first_non_finite < 0)
         self.first_non_finite = torch.where(bad, torch.full_like(self.first_non_finite, step), self.first_non_finite)
 
     def averages(self, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums) -> Dict[str, float]:
@@ -125,7 +127,7 @@ def start_trackers(accelerator, config, name: Optional[str], output_dir: str) ->
     if name == "wandb" and accelerator.is_main_process:
         id_file = os.path.join(output_dir, "wandb_run_id")
         run_id = open(id_file).read().strip() if os.path.isfile(id_file) else secrets.token_hex(4)
-        with open(id_file, "w") as f:
+        with atomic_open(id_file) as f:
             f.write(run_id)
         init_kwargs["wandb"] = {"name": e.name, "entity": e.entity, "id": run_id, "resume": "allow", "dir": output_dir}
     elif name == "swanlab":
