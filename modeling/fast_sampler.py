@@ -208,10 +208,4 @@ class FastSampler:
         return tokens
 
 
-@torch.no_grad()
-def decode_in_batches(tokenizer, tokens: Tensor, batch_size: int) -> Tensor:
-    """`tokenizer.decode_tokens(tokens)` run `batch_size` rows at a time, which bounds the decoder's activations."""
-    return torch.cat([tokenizer.decode_tokens(chunk) for chunk in tokens.split(batch_size)])
-
-
-__all__ = ["FastSampler", "StaticKVCache", "decode_in_batches"]
+__all__ = ["FastSampler", "StaticKVCache"]

@@ -251,18 +251,31 @@ def generate_tokens(model: nn.Module, class_ids: Tensor, options: SamplingOption
 
 
 @torch.no_grad()
-def sample_images(generator: nn.Module, tokenizer: nn.Module, class_ids: Tensor, options: SamplingOptions,
-                  decode_batch_size: Optional[int] = None) -> Tensor:
-    """Images (B, 3, H, W) in [0, 1] for raw labels (B,), drawn from the current global torch random state."""
+def decode_in_batches(tokenizer: nn.Module, tokens: Tensor, batch_size: Optional[int] = None) -> Tensor:
+    """`tokenizer.decode_tokens(tokens)` run `batch_size` rows at a time (all at once for None), which bounds the
+    decoder's activations."""
+    return torch.cat([tokenizer.decode_tokens(part) for part in tokens.split(batch_size or len(tokens))])
+
+
+@torch.no_grad()
+def sample(generator: nn.Module, tokenizer: nn.Module, class_ids: Tensor, options: SamplingOptions,
+           decode_batch_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Tokens (B, N) and the tokenizer's decoded images (B, 3, H, W) for raw labels (B,), drawn from the current
+    global torch random state; the generator samples in eval mode and is put back as it was."""
     was_training = generator.training
     generator.eval()
     try:
         tokens = generate_tokens(generator, class_ids, options)
     finally:
         generator.train(was_training)
-    chunk = decode_batch_size or len(tokens)
     with autocast(options.precision, class_ids.device):
-        return torch.cat([tokenizer.decode_tokens(part).float() for part in tokens.split(chunk)])
+        return tokens, decode_in_batches(tokenizer, tokens, decode_batch_size)
+
+
+def sample_images(generator: nn.Module, tokenizer: nn.Module, class_ids: Tensor, options: SamplingOptions,
+                  decode_batch_size: Optional[int] = None) -> Tensor:
+    """Images (B, 3, H, W) in [0, 1], float32, for raw labels (B,): `sample` without the tokens."""
+    return sample(generator, tokenizer, class_ids, options, decode_batch_size)[1].float()
 
 
 @torch.no_grad()
@@ -288,11 +301,13 @@ __all__ = [
     "Guidance",
     "SamplingOptions",
     "cfg_scale_at",
+    "decode_in_batches",
     "effective_precision",
     "filter_logits",
     "generate",
     "generate_tokens",
     "register_guidance_schedule",
+    "sample",
     "sample_images",
     "sample_images_seeded",
     "sample_next_token",

@@ -53,10 +53,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from accelerate.state import AcceleratorState  # noqa: E402
 
 from modeling import build_generator  # noqa: E402
-from modeling.fast_sampler import FastSampler, decode_in_batches  # noqa: E402
+from modeling.fast_sampler import FastSampler  # noqa: E402
 from modeling.objective import Objective  # noqa: E402
 from modeling.tokenizers.base import RandomCodebook  # noqa: E402
-from modeling.sampler import SamplingOptions, why_not_fast  # noqa: E402
+from modeling.sampler import SamplingOptions, decode_in_batches, why_not_fast  # noqa: E402
 from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN  # noqa: E402
 from utils.cli import Script, flag_parser, positive_int, run, torch_device  # noqa: E402
 from utils.files import atomic_open  # noqa: E402

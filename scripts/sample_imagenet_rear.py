@@ -22,7 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
 
 from modeling import build_tokenizer, load_generator  # noqa: E402
-from modeling.sampler import SamplingOptions, effective_precision, generate_tokens  # noqa: E402
+from modeling.sampler import SamplingOptions, effective_precision, sample  # noqa: E402
 from modeling.tokenizers import decoded_to_uint8  # noqa: E402
 from utils.cli import Script, run  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
@@ -82,10 +82,7 @@ def barrier() -> None:
 
 def sample_batch(generator, tokenizer, options: SamplingOptions, class_ids: torch.Tensor):
     """uint8 images (B, H, W, 3) and int32 tokens (B, N) for raw labels (B,), from the global random state."""
-    tokens = generate_tokens(generator, class_ids, options)
-    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=options.precision == "bf16"
-                                          and class_ids.device.type == "cuda"):
-        images = tokenizer.decode_tokens(tokens)
+    tokens, images = sample(generator, tokenizer, class_ids, options)
     return decoded_to_uint8(images, tokenizer), tokens.to("cpu", torch.int32).numpy()
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import prefixed
-from modeling.fast_sampler import FastSampler, decode_in_batches
+from modeling.fast_sampler import FastSampler
 from modeling.objective import noisy_context, rear_loss
-from modeling.sampler import cfg_scale_at
+from modeling.sampler import cfg_scale_at, decode_in_batches
 from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN
 from test_benchmark import load_benchmark
 
