@@ -34,7 +34,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+            raise DataError(f"Imaginary component {np.max(np.abs(covmean.imag))} in the square root of the "
+                            "covariance product: the statistics are degenerate (too few images for the feature "
+                            "size, or many identical images), so no FID can be computed from them")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 

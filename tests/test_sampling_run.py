@@ -137,6 +137,15 @@ def test_rerun_of_a_finished_run_changes_nothing_and_other_settings_are_refused(
         sample(arguments(weights, output_dir) + ["sampling.seed=8"])
 
 
+@pytest.mark.parametrize("damage", [b'{"seed": 7', b"\xff\xfe", b"[7]"])
+def test_a_damaged_sampling_json_is_named_not_a_traceback(weights, tmp_path, damage):
+    output_dir = tmp_path / "samples"
+    output_dir.mkdir()
+    (output_dir / "sampling.json").write_bytes(damage)
+    with pytest.raises(OutputError, match=r"sampling.json is damaged .*delete .*samples to sample again"):
+        sample(arguments(weights, output_dir))
+
+
 def test_rear_test_sh_samples_then_evaluates(tmp_path):
     script = ROOT / "scripts_bash" / "rear_test.sh"
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)

@@ -77,8 +77,14 @@ def prepare_sample_dir(sample_dir: str, settings: dict) -> bool:
     path = os.path.join(sample_dir, "sampling.json")
     recorded = None
     if os.path.isfile(path):
-        with open(path) as f:
-            recorded = json.load(f)
+        try:
+            with open(path) as f:
+                recorded = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise OutputError(f"{path} is damaged ({e}); delete {sample_dir} to sample again") from None
+        if not isinstance(recorded, dict):
+            raise OutputError(f"{path} is damaged (it holds a {type(recorded).__name__}, not the settings); "
+                              f"delete {sample_dir} to sample again")
     elif os.path.exists(npz_path(sample_dir)):
         raise OutputError(f"{npz_path(sample_dir)} exists but was not made by this script here; delete it to resample")
     made = os.path.exists(npz_path(sample_dir)) or glob.glob(os.path.join(glob.escape(sample_dir), "shards", "*.npz"))
