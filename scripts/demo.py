@@ -27,7 +27,7 @@ from utils.cli import Script, flag_parser, positive_int, run, torch_device  # no
 from utils.config import canonical_choice, check  # noqa: E402
 from utils.errors import MissingWeightsError, UsageError  # noqa: E402
 from utils.grids import class_caption, labelled_grid, save_png  # noqa: E402
-from utils.weights import GENERATOR_FILENAMES, TOKENIZER_FILENAME, resolve_weights  # noqa: E402
+from utils.weights import GENERATOR_FILENAMES, TOKENIZER_FILENAME, is_model_folder, resolve_weights  # noqa: E402
 
 CONFIGS = {"reAR-S": "configs/rear_s.yaml", "reAR-B": "configs/rear_b.yaml", "reAR-L": "configs/rear_l.yaml"}
 
@@ -37,7 +37,8 @@ FLAGS.add_argument("--classes", type=int, nargs="+", default=[1, 7, 282, 604, 72
                    help="ImageNet class ids, one image each")
 FLAGS.add_argument("--out", default="grid.png", help="the grid's PNG file")
 FLAGS.add_argument("--generator", help="local generator weights (default: the released file of --model)")
-FLAGS.add_argument("--tokenizer", help=f"local tokenizer weights (default: the released {TOKENIZER_FILENAME})")
+FLAGS.add_argument("--tokenizer", help=f"local tokenizer weights, or a folder / Hub repo with config.json "
+                                       f"(default: the released {TOKENIZER_FILENAME})")
 FLAGS.add_argument("--seed", type=int, default=0, help="torch seed: the tokens of torch.manual_seed(seed); generate()")
 FLAGS.add_argument("--guidance-scale", type=float, help="default: the model's released value")
 FLAGS.add_argument("--guidance-scale-pow", type=float, help="default: the model's released value")
@@ -66,6 +67,9 @@ def fetch_weights(generator: str, tokenizer: str) -> tuple[str, str]:
     """Local paths of both weight files; if either cannot be had, one error that names both and the way out."""
     paths, errors = [], []
     for what, name, flag in (("generator", generator, "--generator"), ("tokenizer", tokenizer, "--tokenizer")):
+        if what == "tokenizer" and is_model_folder(name):  # config.json + weights (TiTok's Hub repos): the
+            paths.append(name)                               # tokenizer's builder reads the folder
+            continue
         try:
             paths.append(resolve_weights(name, local_option=f"{flag} PATH"))
         except MissingWeightsError as err:

@@ -63,6 +63,17 @@ def test_demo_writes_the_samples_of_the_seed(tmp_path):
         assert np.array_equal(grid[0:128:8, i * 128 : (i + 1) * 128 : 8], expected[i])
 
 
+def test_a_tokenizer_folder_or_hub_repo_goes_to_the_builder_as_is(tmp_path):
+    """TiTok publishes config.json + weights (yucornetto/tokenizer_titok_*): --tokenizer takes the folder or repo id
+    and leaves it to the tokenizer's builder, rather than looking for a weights file of that name."""
+    demo = load_script("demo")
+    generator_path, _ = write_tiny_weights(tmp_path)
+    folder = tmp_path / "titok"
+    folder.mkdir()
+    for tokenizer in (str(folder), "yucornetto/tokenizer_titok_b64_imagenet"):
+        assert demo.fetch_weights(generator_path, tokenizer) == (generator_path, tokenizer)
+
+
 @pytest.mark.parametrize("model", ["reAR-L"])
 def test_offline_error_names_both_files_and_the_local_options(tmp_path, model):
     """Without a network (and without HF_HUB_OFFLINE set) the demo fails fast, in one line, with the way out."""
