@@ -39,7 +39,7 @@ from utils.data.images import (  # noqa: E402
 )
 from utils.data.loader import expand_shards  # noqa: E402
 from utils.errors import DataError, OutputError  # noqa: E402
-from utils.files import atomic_open, remove_temporaries_of, write_json  # noqa: E402
+from utils.files import atomic_open, changed_settings, read_record, remove_temporaries_of, write_json  # noqa: E402
 from utils.weights import describe_file  # noqa: E402
 
 CROPS_PER_IMAGE = {"center": 1, "flip": 2, "ten_crop": 10}
@@ -148,14 +148,12 @@ def check_settings(part: str, settings: dict) -> None:
     """A part that already holds images must have been made with `settings`: else its lines and the new ones
     would end up in one file."""
     try:
-        with open(record_path(part)) as f:
-            recorded = json.load(f)
+        recorded = read_record(record_path(part))
     except (OSError, ValueError):
         raise OutputError(f"{part} holds images but no readable record of the settings that made them "
                           f"({record_path(part)}); delete it to tokenize again") from None
-    differ = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
-    if differ:
-        changes = ", ".join(f"{k}: {recorded.get(k)!r} (there) vs {settings.get(k)!r} (now)" for k in differ)
+    changes = changed_settings(recorded, settings)
+    if changes:
         raise OutputError(f"{part} holds images made with other settings ({changes}); rerun with those, "
                           "or delete it (and its .settings.json) to tokenize again")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from utils.files import changed_settings, read_record
 from utils.training.resume import damage, list_checkpoints
 
 TRAIN = (
@@ -289,3 +290,22 @@ def test_conversion_killed_leaves_no_truncated_shard(server, images, tmp_path):
     samples = list(wds.DataPipeline(wds.SimpleShardList([str(p) for p in shards[1:]]), wds.tarfile_to_samples()))
     assert sorted(s["cls"] for s in samples) == [b"0"] * 3 + [b"1"] * 3
     assert json.dumps(sorted(s["__key__"] for s in samples)) == json.dumps([f"train_{i:08d}" for i in range(6)])
+
+
+# ------------------------------------------------------------------------ settings records (sampler, pre-tokenization)
+@pytest.mark.parametrize("damage_bytes, reason", [(b'{"seed": 7', "Expecting"), (b"\xff\xfe", "can't decode"),
+                                                  (b"[7]", "it holds a list, not the settings")])
+def test_a_damaged_settings_record_is_a_value_error_that_says_why(tmp_path, damage_bytes, reason):
+    path = tmp_path / "settings.json"
+    path.write_bytes(damage_bytes)
+    with pytest.raises(ValueError, match=reason):
+        read_record(str(path))
+    path.write_text('{"seed": 7}')
+    assert read_record(str(path)) == {"seed": 7}
+
+
+def test_changed_settings_names_each_differing_key_once_in_order():
+    assert changed_settings({"a": 1, "b": 2}, {"a": 1, "b": 2}) == ""
+    assert changed_settings({"b": 2, "a": 1, "gone": "x"}, {"a": 1, "b": 3, "unset": None}) == (
+        "b: 2 (there) vs 3 (now), gone: 'x' (there) vs None (now)"
+    )

@@ -75,6 +75,22 @@ def write_json(path: str, data: Any) -> None:
         json.dump(data, f, indent=2, sort_keys=True)
 
 
+def read_record(path: str) -> dict:
+    """The JSON object a run recorded in `path`; ValueError saying what is wrong for a file that holds none (a
+    damaged record: not UTF-8, not JSON, or JSON of another kind)."""
+    with open(path, encoding="utf-8") as f:
+        value = json.load(f)  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    if not isinstance(value, dict):
+        raise ValueError(f"it holds a {type(value).__name__}, not the settings")
+    return value
+
+
+def changed_settings(recorded: dict, now: dict) -> str:
+    """"key: old (there) vs new (now), ..." for each key whose value differs between two records; "" for none."""
+    differ = sorted(k for k in now.keys() | recorded.keys() if now.get(k) != recorded.get(k))
+    return ", ".join(f"{k}: {recorded.get(k)!r} (there) vs {now.get(k)!r} (now)" for k in differ)
+
+
 def remove_temporaries(directory: str) -> int:
     """Delete the temporaries an interrupted writer left in `directory` (not recursively); returns how many."""
     leftovers = glob.glob(os.path.join(glob.escape(directory), f"*{TEMPORARY_MARK}*"))
@@ -93,5 +109,5 @@ def remove_temporaries_of(path: str) -> int:
     return len(leftovers)
 
 
-__all__ = ["atomic_open", "atomic_path", "is_disk_full", "remove_temporaries", "remove_temporaries_of",
-           "temporary_name", "write_json"]
+__all__ = ["atomic_open", "atomic_path", "changed_settings", "is_disk_full", "read_record", "remove_temporaries",
+           "remove_temporaries_of", "temporary_name", "write_json"]

@@ -11,7 +11,6 @@ from the shards: `arr_0` uint8 (N, H, W, 3) as the ADM evaluator reads it, plus 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import zipfile
@@ -22,7 +21,14 @@ import torch
 from tqdm import tqdm
 
 from utils.errors import ConfigError, OutputError, UserError
-from utils.files import atomic_path, remove_temporaries, remove_temporaries_of, write_json
+from utils.files import (
+    atomic_path,
+    changed_settings,
+    read_record,
+    remove_temporaries,
+    remove_temporaries_of,
+    write_json,
+)
 from utils import grids
 
 MEMBERS = ("arr_0", "tokens", "labels")  # what a shard and the final .npz hold, in this order
@@ -78,20 +84,15 @@ def prepare_sample_dir(sample_dir: str, settings: dict) -> bool:
     recorded = None
     if os.path.isfile(path):
         try:
-            with open(path) as f:
-                recorded = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            recorded = read_record(path)
+        except ValueError as e:
             raise OutputError(f"{path} is damaged ({e}); delete {sample_dir} to sample again") from None
-        if not isinstance(recorded, dict):
-            raise OutputError(f"{path} is damaged (it holds a {type(recorded).__name__}, not the settings); "
-                              f"delete {sample_dir} to sample again")
     elif os.path.exists(npz_path(sample_dir)):
         raise OutputError(f"{npz_path(sample_dir)} exists but was not made by this script here; delete it to resample")
     made = os.path.exists(npz_path(sample_dir)) or glob.glob(os.path.join(glob.escape(sample_dir), "shards", "*.npz"))
     if recorded is not None and made:
-        differ = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
-        if differ:
-            changes = ", ".join(f"{k}: {recorded.get(k)!r} (there) vs {settings.get(k)!r} (now)" for k in differ)
+        changes = changed_settings(recorded, settings)
+        if changes:
             raise OutputError(
                 f"{sample_dir} holds samples made with other settings ({changes}); "
                 "use another experiment.output_dir, or delete that folder to start again"
