@@ -25,8 +25,9 @@ RELEASED_SIZES = {"alitok_b": (768, 24, 16), "alitok_l": (1024, 24, 16), "alitok
 
 
 def assert_close(actual, expected):
-    """Parity with the original: the fixtures were computed in float32 on a CPU."""
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    """Parity with the original: the fixtures were computed in float32 on a CPU. Another CPU's kernels (AVX2 vs
+    AVX-512, EPYC vs Xeon) sum in another order: 1.4e-5 apart at the last block here; a real bug is O(0.1)."""
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 
 def tiny_config(**generator):

@@ -82,7 +82,8 @@ def test_decode_matches_original(models, fixture, case):
     _, tensors = fixture
     for tokens, expected in (("tokens", "decoded"), ("random_tokens", "random_decoded")):
         decoded = models[case].decode_tokens(tensors[f"{case}.{tokens}"])
-        torch.testing.assert_close(decoded, tensors[f"{case}.{expected}"], atol=1e-5, rtol=0)
+        # float32 through the pixel decoder's convolutions: 5e-5 apart between CPU kinds (EPYC vs Xeon kernels)
+        torch.testing.assert_close(decoded, tensors[f"{case}.{expected}"], atol=2e-4, rtol=0)
 
 
 @pytest.mark.parametrize("case", CASES)
