@@ -8,6 +8,8 @@ requirements = [
     if line.strip() and not line.startswith("#")
 ]
 
+GRADIO = "gradio>=6,<7"  # scripts/app.py's page
+
 setup(
     name="rear",
     version="0.1.0",
@@ -16,5 +18,10 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["modeling", "modeling.*", "utils", "utils.*", "evaluator", "evaluator.*"]),
     install_requires=requirements,
-    extras_require={"test": ["pytest>=7", "wandb"], "wandb": ["wandb"], "swanlab": ["swanlab"]},
+    extras_require={
+        "test": ["pytest>=7", "wandb", GRADIO, "playwright>=1.40"],  # playwright drives the system's Chromium
+        "app": [GRADIO],
+        "wandb": ["wandb"],
+        "swanlab": ["swanlab"],
+    },
 )

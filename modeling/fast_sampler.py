@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from modeling.rear import ReAR
-from modeling.sampler import cfg_scale_at, sample_next_token
+from modeling.sampler import Progress, cfg_scale_at, sample_next_token
 
 
 class StaticKVCache:
@@ -175,7 +175,8 @@ class FastSampler:
     # ------------------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(self, class_ids: Tensor, guidance_scale: float, guidance_scale_pow: float, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 progress: Optional[Progress] = None) -> Tensor:
         """Tokens (B, N) for raw labels (B,), B = batch_size; the arguments are `ReAR.generate`'s."""
         m, batch, n = self.model, self.batch_size, self.model.image_seq_len
         m.check_ids(None, class_ids)
@@ -205,6 +206,8 @@ class FastSampler:
             sampled = sample_next_token(logits, cfg[step : step + 1] if self.guidance else None, temperature, top_k, top_p)
             tokens[:, step : step + 1] = sampled
             self.token.copy_(torch.cat([sampled, sampled]) if self.guidance else sampled)
+            if progress is not None:
+                progress(step + 1, n)
         return tokens
 
 

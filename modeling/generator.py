@@ -162,11 +162,12 @@ class Generator(nn.Module):
     def generate(self, class_ids: Tensor, guidance_scale: float, guidance_scale_pow: float, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, kv_cache: bool = True,
                  guidance_schedule: Optional[str] = None,
-                 guidance_window: Tuple[float, float] = DEFAULT_GUIDANCE_WINDOW, cfg_interval: int = -1) -> Tensor:
+                 guidance_window: Tuple[float, float] = DEFAULT_GUIDANCE_WINDOW, cfg_interval: int = -1,
+                 progress: Optional[sampler.Progress] = None) -> Tensor:
         """Sample (B, N) image tokens for raw class labels (B,); for a fixed `torch.manual_seed` this reproduces the
         original sampler's tokens (see `modeling.sampler.generate`)."""
         return sampler.generate(self, class_ids, guidance_scale, guidance_scale_pow, temperature, top_k, top_p,
-                                kv_cache, guidance_schedule, guidance_window, cfg_interval)
+                                kv_cache, guidance_schedule, guidance_window, cfg_interval, progress)
 
     def num_parameters(self, exclude_alignment: bool = False) -> int:
         heads = set(HEAD_OUTPUTS) if exclude_alignment else set()

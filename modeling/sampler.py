@@ -107,6 +107,9 @@ def sample_next_token(
 
 
 # ----------------------------------------------------------------------------------------- the loop
+Progress = Callable[[int, int], None]  # (tokens drawn, tokens per image): a page's progress bar
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -120,11 +123,12 @@ def generate(
     guidance_schedule: Optional[str] = None,
     guidance_window: Tuple[float, float] = DEFAULT_GUIDANCE_WINDOW,
     cfg_interval: int = -1,
+    progress: Optional[Progress] = None,
 ) -> Tensor:
     """Sample (B, N) image tokens from a backbone for raw class labels (B,), with classifier-free guidance when the
     backbone `uses_guidance` at this scale (rows [conditional; null class] in one batch; each token's scale from
     `model.guidance_scale_at`). With `kv_cache` each step runs only the newest position; without it the whole
-    prefix is recomputed (the originals' reference path)."""
+    prefix is recomputed (the originals' reference path). `progress(t, N)` is called after the t-th token."""
     model.check_ids(None, class_ids)
     model.start_sampling(class_ids)
     batch, n = len(class_ids), model.image_seq_len
@@ -141,6 +145,8 @@ def generate(
         if use_cfg and cfg is None:
             logits = logits[:batch]  # guidance over: the conditional rows alone
         tokens = torch.cat([tokens, sample_next_token(logits, cfg, temperature, top_k, top_p)], dim=1)
+        if progress is not None:
+            progress(step + 1, n)
     return tokens
 
 
@@ -233,21 +239,22 @@ def why_not_fast(model: nn.Module, options: SamplingOptions) -> Optional[str]:
     return None
 
 
-def generate_tokens(model: nn.Module, class_ids: Tensor, options: SamplingOptions) -> Tensor:
+def generate_tokens(model: nn.Module, class_ids: Tensor, options: SamplingOptions,
+                    progress: Optional[Progress] = None) -> Tensor:
     """Image tokens (B, N) for raw labels (B,): THE call site of the samplers for every script.
 
     The fast sampler (one per batch shape, so the last, smaller batch of a run gets its own) where it serves the
     backbone and the options (`why_not_fast`), else the readable loop. Both draw the same tokens on a CPU in fp32
-    (tested)."""
+    (tested). `progress(t, N)` is called after the t-th token."""
     if why_not_fast(model, options) is None:
         sampler = fast_sampler_for(model, len(class_ids), options.guidance_scale != 0, options.precision)
         return sampler.generate(class_ids, options.guidance_scale, options.guidance_scale_pow, options.temperature,
-                                options.top_k, options.top_p)
+                                options.top_k, options.top_p, progress=progress)
     with autocast(options.precision, class_ids.device):
         return model.generate(class_ids, guidance_scale=options.guidance_scale,
                               guidance_scale_pow=options.guidance_scale_pow, temperature=options.temperature,
                               top_k=options.top_k, top_p=options.top_p, kv_cache=options.kv_cache,
-                              **options.guidance())
+                              **options.guidance(), progress=progress)
 
 
 @torch.no_grad()
@@ -259,13 +266,14 @@ def decode_in_batches(tokenizer: nn.Module, tokens: Tensor, batch_size: Optional
 
 @torch.no_grad()
 def sample(generator: nn.Module, tokenizer: nn.Module, class_ids: Tensor, options: SamplingOptions,
-           decode_batch_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+           decode_batch_size: Optional[int] = None, progress: Optional[Progress] = None) -> tuple[Tensor, Tensor]:
     """Tokens (B, N) and the tokenizer's decoded images (B, 3, H, W) for raw labels (B,), drawn from the current
-    global torch random state; the generator samples in eval mode and is put back as it was."""
+    global torch random state; the generator samples in eval mode and is put back as it was. `progress(t, N)` is
+    called after the t-th token."""
     was_training = generator.training
     generator.eval()
     try:
-        tokens = generate_tokens(generator, class_ids, options)
+        tokens = generate_tokens(generator, class_ids, options, progress)
     finally:
         generator.train(was_training)
     with autocast(options.precision, class_ids.device):
@@ -299,6 +307,7 @@ __all__ = [
     "DEFAULT_GUIDANCE_WINDOW",
     "GUIDANCE_SCHEDULES",
     "Guidance",
+    "Progress",
     "SamplingOptions",
     "cfg_scale_at",
     "decode_in_batches",

@@ -12,43 +12,60 @@ script.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
+from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a clone, uninstalled
 
 from modeling import build_tokenizer, load_generator  # noqa: E402
-from modeling.sampler import SamplingOptions, sample_images  # noqa: E402
+from modeling.sampler import Progress, SamplingOptions, sample  # noqa: E402
 from modeling.tokenizers import RELEASED_WEIGHTS, decoded_to_uint8  # noqa: E402
 from utils.cli import Script, flag_parser, positive_int, run, torch_device  # noqa: E402
 from utils.config import canonical_choice, check  # noqa: E402
 from utils.errors import MissingWeightsError, UsageError  # noqa: E402
-from utils.grids import class_caption, labelled_grid, save_png  # noqa: E402
+from utils.grids import class_names, labelled_grid, save_png  # noqa: E402
 from utils.weights import GENERATOR_FILENAMES, TOKENIZER_FILENAME, is_model_folder, resolve_weights  # noqa: E402
 
+SAMPLING_FLAGS = ("guidance_scale", "guidance_scale_pow", "temperature", "top_k", "top_p", "precision")
 CONFIGS = {"reAR-S": "configs/rear_s.yaml", "reAR-B": "configs/rear_b.yaml", "reAR-L": "configs/rear_l.yaml"}
 
-FLAGS = flag_parser()
-FLAGS.add_argument("--model", choices=sorted(CONFIGS), default="reAR-S", help="released model (default reAR-S)")
-FLAGS.add_argument("--classes", type=int, nargs="+", default=[1, 7, 282, 604, 724, 179, 751, 404, 850],
-                   help="ImageNet class ids, one image each")
+DEFAULT_CLASSES = [1, 7, 282, 604, 724, 179, 751, 404, 850]  # ImageNet: goldfish, cock, tiger cat, ...
+
+
+def model_flags() -> argparse.ArgumentParser:
+    """The flags of the weights, the device and the sampling settings: the demo's, and its page's (scripts/app.py)."""
+    flags = flag_parser()
+    flags.add_argument("--model", choices=sorted(CONFIGS),
+                       help="released model (default: the released config's, or reAR-S without config=)")
+    flags.add_argument("--classes", type=int, nargs="+",
+                       help="class ids, one image each (default: nine ImageNet classes, or the first ten)")
+    flags.add_argument("--generator", help="local generator weights (default: the released file of --model)")
+    flags.add_argument("--tokenizer", help=f"local tokenizer weights, or a folder / Hub repo with config.json "
+                                           f"(default: the released {TOKENIZER_FILENAME})")
+    flags.add_argument("--seed", type=int, default=0,
+                       help="torch seed: the tokens of torch.manual_seed(seed); generate()")
+    flags.add_argument("--guidance-scale", type=float, help="default: the model's released value")
+    flags.add_argument("--guidance-scale-pow", type=float, help="default: the model's released value")
+    flags.add_argument("--temperature", type=float, help="default: the model's released value")
+    flags.add_argument("--top-k", type=int, help="keep the k most likely tokens")
+    flags.add_argument("--top-p", type=float, help="keep the smallest set of tokens with this probability mass")
+    flags.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: CUDA only (default sampling.precision)")
+    flags.add_argument("--columns", type=positive_int, default=8, help="images per row")
+    flags.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu or cuda")
+    return flags
+
+
+FLAGS = model_flags()
 FLAGS.add_argument("--out", default="grid.png", help="the grid's PNG file")
-FLAGS.add_argument("--generator", help="local generator weights (default: the released file of --model)")
-FLAGS.add_argument("--tokenizer", help=f"local tokenizer weights, or a folder / Hub repo with config.json "
-                                       f"(default: the released {TOKENIZER_FILENAME})")
-FLAGS.add_argument("--seed", type=int, default=0, help="torch seed: the tokens of torch.manual_seed(seed); generate()")
-FLAGS.add_argument("--guidance-scale", type=float, help="default: the model's released value")
-FLAGS.add_argument("--guidance-scale-pow", type=float, help="default: the model's released value")
-FLAGS.add_argument("--temperature", type=float, help="default: the model's released value")
-FLAGS.add_argument("--top-k", type=int, help="keep the k most likely tokens")
-FLAGS.add_argument("--top-p", type=float, help="keep the smallest set of tokens with this probability mass")
-FLAGS.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: CUDA only (default sampling.precision)")
-FLAGS.add_argument("--columns", type=positive_int, default=8, help="images per row")
-FLAGS.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda")
 
 SCRIPT = Script(
     usage="python scripts/demo.py [config=FILE.yaml] [key.sub=value ...] [--model reAR-S] [--classes ...] "
@@ -59,7 +76,7 @@ SCRIPT = Script(
     sections=("sampling.guidance_scale", "sampling.guidance_scale_pow", "sampling.temperature", "sampling.top_k",
               "sampling.top_p", "sampling.precision"),
     flags=FLAGS,
-    default_config=lambda flags: os.path.join(ROOT, CONFIGS[flags.model]),
+    default_config=lambda flags: os.path.join(ROOT, CONFIGS[flags.model or "reAR-S"]),
 )
 
 
@@ -79,21 +96,32 @@ def fetch_weights(generator: str, tokenizer: str) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def main(config, flags) -> None:
-    num_classes = config.model.generator.condition_num_classes
-    bad = [c for c in flags.classes if not 0 <= c < num_classes]
-    if bad:
-        raise UsageError(f"--classes: {bad[0]} is not a class id of this model (0..{num_classes - 1})")
+def released_model(config, flags) -> Optional[str]:
+    """The released model whose weights a config without its own stands for: --model, else the released config's."""
+    if flags.model is not None:
+        return flags.model
+    return next((model for model, path in CONFIGS.items()
+                 if os.path.splitext(os.path.basename(path))[0] == config.experiment.name), None)
+
+
+def set_sampling(config, values: dict, source: str):
+    """`config` with the sampling settings in `values` (None: keep the config's), checked as every value is."""
+    for key, value in values.items():
+        if value is not None:
+            config.sampling[key] = value
+    return check(config, source)
+
+
+def load_models(config, flags) -> tuple[nn.Module, nn.Module]:
+    """The generator and the tokenizer the demo samples with, on --device, in eval mode: the files of --generator /
+    --tokenizer, else the config's, else the released ones (fetched); a missing file is one error naming both."""
     generator = flags.generator or config.experiment.generator_checkpoint
-    if generator is None:  # --model names reAR's released files: the rar backbone's
-        if config.model.generator.backbone != "rar":
+    if generator is None:  # reAR's released configs name the released files: the rar backbone's
+        model = released_model(config, flags) if config.model.generator.backbone == "rar" else None
+        if model is None:
             raise UsageError(f"this config's {config.model.generator.backbone} generator has no weights named: pass "
                              "--generator PATH (or experiment.generator_checkpoint=PATH)")
-        generator = GENERATOR_FILENAMES[flags.model]
-    for key in ("guidance_scale", "guidance_scale_pow", "temperature", "top_k", "top_p", "precision"):
-        if getattr(flags, key) is not None:
-            config.sampling[key] = getattr(flags, key)
-    check(config, "the command line")  # the flags' values, as every other value
+        generator = GENERATOR_FILENAMES[model]
     vq = config.model.vq_model
     tokenizer = (flags.tokenizer or config.experiment.tokenizer_checkpoint or vq.pretrained_tokenizer_weight
                  or RELEASED_WEIGHTS.get(canonical_choice(config, "model.vq_model.model_type")))
@@ -104,13 +132,45 @@ def main(config, flags) -> None:
     config.experiment.tokenizer_checkpoint = tokenizer_path
     device = torch.device(flags.device)
     tokenizer = build_tokenizer(config).to(device).eval()  # first: a config that does not describe it fails here
-    generator = load_generator(config, generator_path).to(device)
+    return load_generator(config, generator_path).to(device), tokenizer
+
+
+def draw(generator: nn.Module, tokenizer: nn.Module, config, classes: Sequence[int], seed: int, columns: int,
+         progress: Optional[Progress] = None) -> tuple[torch.Tensor, np.ndarray, Image.Image]:
+    """Tokens (B, N), images uint8 (B, H, W, 3) and their labelled grid for the class ids `classes`, sampled with
+    the config's settings after `torch.manual_seed(seed)`."""
     options = SamplingOptions.from_config(config)
-    class_ids = torch.tensor(flags.classes, device=device)
-    torch.manual_seed(flags.seed)  # as `torch.manual_seed(seed); generator.generate(...)` in a script
-    images = decoded_to_uint8(sample_images(generator, tokenizer, class_ids, options), tokenizer)
-    save_png(labelled_grid(images, [class_caption(c, num_classes) for c in flags.classes], flags.columns), flags.out)
-    print(f"wrote {flags.out}: classes {flags.classes}, seed {flags.seed}, {options}")
+    class_ids = torch.tensor(list(classes), device=next(generator.parameters()).device)
+    torch.manual_seed(seed)  # as `torch.manual_seed(seed); generator.generate(...)` in a script
+    tokens, decoded = sample(generator, tokenizer, class_ids, options, progress=progress)
+    images = decoded_to_uint8(decoded.float(), tokenizer)
+    names = class_names(config)
+    return tokens, images, labelled_grid(images, [names[c] for c in classes], columns)
+
+
+def chosen_classes(config, flags) -> list[int]:
+    """--classes, checked against the model's labels; by default nine ImageNet classes, or the first ten."""
+    num_classes = config.model.generator.condition_num_classes
+    if flags.classes is None:
+        return DEFAULT_CLASSES if num_classes == 1000 else list(range(min(num_classes, 10)))
+    bad = [c for c in flags.classes if not 0 <= c < num_classes]
+    if bad:
+        raise UsageError(f"--classes: {bad[0]} is not a class id of this model (0..{num_classes - 1})")
+    return flags.classes
+
+
+def apply_flags(config, flags):
+    """The config with the sampling flags' values, checked."""
+    return set_sampling(config, {key: getattr(flags, key) for key in SAMPLING_FLAGS}, "the command line")
+
+
+def main(config, flags) -> None:
+    classes = chosen_classes(config, flags)
+    apply_flags(config, flags)
+    generator, tokenizer = load_models(config, flags)
+    _, _, grid = draw(generator, tokenizer, config, classes, flags.seed, flags.columns)
+    save_png(grid, flags.out)
+    print(f"wrote {flags.out}: classes {classes}, seed {flags.seed}, {SamplingOptions.from_config(config)}")
 
 
 if __name__ == "__main__":

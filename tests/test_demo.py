@@ -15,7 +15,7 @@ from modeling.rear import ReAR
 from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN
 from tiny_models import ROOT, TINY_CONFIG, one_thread, write_tiny_weights
 from utils.config import load_config
-from utils.grids import class_caption, imagenet_class_names, labelled_grid
+from utils.grids import class_caption, class_names, imagenet_class_names, labelled_grid
 
 DEMO = ROOT / "scripts" / "demo.py"
 
@@ -33,6 +33,9 @@ def test_imagenet_class_names():
     )
     assert class_caption(282, 1000) == "282 tiger cat"
     assert class_caption(3, 10) == "class 3"
+    assert class_names(load_config(str(TINY_CONFIG)))[3] == "class 3"
+    assert class_names(load_config(str(ROOT / "configs" / "rear_toy.yaml")))[3] == "3 red cross"
+    assert class_names(load_config(str(ROOT / "configs" / "rear_s.yaml")))[282] == "282 tiger cat"
 
 
 def test_grid_keeps_pixels_exact_and_writes_captions():

@@ -203,6 +203,14 @@ ROWS = [
         "a local copy with --generator PATH | tokenizer: weights file not found: maskgit-vqgan-imagenet-f16-256.bin "
         f"is not a local file and the Hugging Face Hub cannot be reached (offline?); download {VQGAN} where you have "
         "internet and pass a local copy with --tokenizer PATH"),
+    Row("app: released weights not downloaded (offline), before the server starts", "scripts/app.py "
+        "config=configs/rear_l.yaml", 1,
+        "the demo needs two weight files; generator: weights file not found: reAR-L.safetensors is not a local file "
+        "and the Hugging Face Hub cannot be reached (offline?); download "
+        "https://huggingface.co/qyoo/reAR/resolve/main/reAR-L.safetensors (≈1.90 GB (…M float32 parameters)) where "
+        "you have internet and pass a local copy with --generator PATH | tokenizer: weights file not found: "
+        f"maskgit-vqgan-imagenet-f16-256.bin is not a local file and the Hugging Face Hub cannot be reached "
+        f"(offline?); download {VQGAN} where you have internet and pass a local copy with --tokenizer PATH"),
     Row("demo: generator truncated", DEMO + " --generator {F}/truncated.safetensors", 1, TRUNCATED),
     Row("demo: generator a pickle that runs a command", DEMO + " --generator {F}/evil.pt", 1, PICKLE),
     Row("evaluator: too few samples for FID", EVAL + " {F}/ref.npz", 2,
@@ -449,6 +457,7 @@ ENTRY_POINTS = {
     "scripts/sample_imagenet_rear.py": ("sampling", "experiment.generator_checkpoint"),
     "scripts/pretokenization.py": ("model.vq_model", "dataset.preprocessing.crop_size"),
     "scripts/demo.py": ("sampling.guidance_scale", "sampling.temperature"),
+    "scripts/app.py": ("sampling.guidance_scale", "sampling.top_p"),
     "scripts/convert_imagenet_to_wds.py": (),
     "scripts/benchmark.py": (),
     "-m evaluator": (),

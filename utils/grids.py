@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
+from utils.data.toy import TOY_CLASS_NAMES
 from utils.files import atomic_path
 
 
@@ -29,6 +30,14 @@ def class_caption(class_id: int, num_classes: int) -> str:
     if num_classes == 1000:
         return f"{class_id} {imagenet_class_names()[class_id]}"
     return f"class {class_id}"
+
+
+def class_names(config) -> List[str]:
+    """The caption of every class of a config's generator: ImageNet's names, the toy set's, else 'class 3'."""
+    num_classes = config.model.generator.condition_num_classes
+    if config.dataset.name == "toy" and num_classes <= len(TOY_CLASS_NAMES):
+        return TOY_CLASS_NAMES[:num_classes]
+    return [class_caption(c, num_classes) for c in range(num_classes)]
 
 
 def image_grid(images: torch.Tensor, columns: int) -> np.ndarray:
@@ -94,4 +103,4 @@ def labelled_rows(images: torch.Tensor, row_captions: Sequence[str], columns: in
     return canvas
 
 
-__all__ = ["class_caption", "image_grid", "imagenet_class_names", "labelled_grid", "labelled_rows", "save_png"]
+__all__ = ["class_caption", "class_names", "image_grid", "imagenet_class_names", "labelled_grid", "labelled_rows", "save_png"]
