@@ -9,11 +9,11 @@ features, metrics.py holds ADM's formulas and evaluation.py puts them together; 
 def __getattr__(name: str):
     # `evaluate` loads on first use: the Inception code imports torchvision and torch-fidelity (seconds), which the
     # consistency and exposure commands do not need.
-    if name == "evaluate":
-        from evaluator.evaluation import evaluate
+    if name in ("evaluate", "AdmScorer"):
+        from evaluator import evaluation
 
-        return evaluate
+        return getattr(evaluation, name)
     raise AttributeError(f"module 'evaluator' has no attribute '{name}'")
 
 
-__all__ = ["evaluate"]
+__all__ = ["AdmScorer", "evaluate"]
