@@ -273,8 +273,8 @@ def main(config, flags) -> dict:
         print(f"best by {flags.select}: {', '.join(f'{k}={v}' for k, v in values.items())} "
               f"(table: {os.path.join(out, 'search.md')})")
     if flags.final_samples:
-        final = with_overrides(config, [*points[best]["overrides"], f"experiment.output_dir={os.path.join(out, 'final')}",
-                                        f"sampling.num_samples={flags.final_samples}"], "--final-samples")
+        final = with_overrides(config, [*points[best]["overrides"], f"sampling.num_samples={flags.final_samples}",
+                                        f"experiment.output_dir={os.path.join(out, 'final')}"], "--final-samples")
         npz = write_samples(final, generator, tokenizer, rank, world_size, device)
         if rank == 0:
             if (state.get("final") or {}).get("num_samples") != flags.final_samples:
