@@ -107,9 +107,10 @@ def parse_grid(specs: Sequence[str]) -> List[Tuple[str, List[str]]]:
 
 
 def point_name(point: Dict[str, object]) -> str:
-    """The point's folder name: 'guidance_scale=12.0,guidance_scale_pow=2.5'."""
-    name = ",".join(f"{key.rsplit('.', 1)[1]}={value}" for key, value in point.items())
-    return re.sub(r"[^A-Za-z0-9._=,-]", "_", name)
+    """The point's folder name: 'guidance_scale_12.0,guidance_scale_pow_2.5' (no '=': a command line would read the
+    .npz path as a config override)."""
+    name = ",".join(f"{key.rsplit('.', 1)[1]}_{value}" for key, value in point.items())
+    return re.sub(r"[^A-Za-z0-9._,-]", "_", name)
 
 
 # ----------------------------------------------------------------------------------------- the state

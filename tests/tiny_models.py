@@ -25,10 +25,11 @@ TINY_VQGAN = {
 }
 
 
-def write_tiny_weights(folder: Path) -> tuple[str, str]:
-    """(generator, tokenizer) `.safetensors` paths in `folder`, fixed by seed 0."""
+def write_tiny_weights(folder: Path, overrides=()) -> tuple[str, str]:
+    """(generator, tokenizer) `.safetensors` paths in `folder`, fixed by seed 0 (the generator of rear_tiny.yaml with
+    `overrides`, e.g. fewer classes)."""
     torch.manual_seed(0)
-    generator = ReAR(load_config(str(TINY_CONFIG)))
+    generator = ReAR(load_config(str(TINY_CONFIG), overrides))
     # At init adaLN-Zero makes every block the identity and the logits are nearly flat, so the class would not
     # change the samples: give the modulations weights, the embeddings spread and the head sharper logits.
     with torch.no_grad():
