@@ -34,14 +34,14 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 from tqdm.auto import tqdm
 
-from evaluator.measurement import resolve_device
+from evaluator.measurement import add_inception_flags, resolve_device
 from evaluator.npz import NpzImages
 from evaluator.token_sets import evenly_spaced
 from evaluator.toy import toy_uint8_images
 from modeling import build_tokenizer
 from modeling.tokenizers import decoded_to_uint8, decodes_prefixes
 from utils import grids
-from utils.cli import Script, flag_parser, positive_int, run, torch_device
+from utils.cli import Script, flag_parser, non_negative_int, positive_int, run, torch_device
 from utils.config import canonical_choice
 from utils.data.images import center_crop_arr, decode_problem, list_image_folder, load_rgb
 from utils.data.loader import class_label, expand_shards
@@ -79,10 +79,9 @@ FLAGS.add_argument("--prefixes", type=prefixes_argument, default=None,
 FLAGS.add_argument("--seed", type=int, default=None,
                    help=f"--data toy: seed of the images (default dataset.toy.seed + {HELD_OUT_SEED_OFFSET})")
 FLAGS.add_argument("--batch-size", type=positive_int, default=64, help="images per tokenizer and Inception batch")
-FLAGS.add_argument("--num-workers", type=int, default=4, help="image-decoding workers (image folders)")
+FLAGS.add_argument("--num-workers", type=non_negative_int, default=4, help="image-decoding workers (image folders)")
 FLAGS.add_argument("--device", type=torch_device, default=None, help="torch device (default: cuda if available)")
-FLAGS.add_argument("--inception-weights", default=None, help="Inception weights file (default: torch hub cache)")
-FLAGS.add_argument("--allow-few-samples", action="store_true", help="rFID over fewer than 2048 images anyway")
+add_inception_flags(FLAGS, "rFID")
 
 SCRIPT = Script(
     usage="python -m evaluator.reconstruction config=FILE.yaml [experiment.tokenizer_checkpoint=W] --data IMAGES "

@@ -27,7 +27,7 @@ import torch
 
 from evaluator import consistency, exposure
 from evaluator.evaluation import PRECISION_RECALL_K, AdmScorer
-from evaluator.measurement import measurement_flags, resolve_device
+from evaluator.measurement import add_inception_flags, measurement_flags, resolve_device
 from evaluator.npz import NpzImages
 from evaluator.token_sets import evenly_spaced, load_token_set
 from utils import grids
@@ -49,8 +49,7 @@ FLAGS.add_argument("--held-out", default=None,
 FLAGS.add_argument("--search", default=None, help="a guidance search's folder (scripts/guidance_search.py) to include")
 FLAGS.add_argument("--reconstruction", default=None,
                    help="a tokenizer reconstruction's folder (python -m evaluator.reconstruction) to include")
-FLAGS.add_argument("--inception-weights", default=None, help="Inception weights file (default: torch hub cache)")
-FLAGS.add_argument("--allow-few-samples", action="store_true", help="FID / sFID over fewer than 2048 samples anyway")
+add_inception_flags(FLAGS)
 
 SCRIPT = Script(
     usage="python -m evaluator.report SAMPLES.npz config=FILE.yaml experiment.generator_checkpoint=W --output DIR "
@@ -147,7 +146,7 @@ def table(header: List[str], rows: List[List[str]]) -> List[str]:
 def markdown(report: dict) -> List[str]:
     s, code = report["settings"], report["code"]
     modified = " (with uncommitted changes)" if code["modified"] else ""
-    lines = [f"# {report['name']}", "",
+    lines = [f"# Evaluation: {report['name']}", "",
              f"Generator {report['generator_checkpoint']} ({s['backbone']}), tokenizer "
              f"{report['tokenizer_checkpoint']} ({s['tokenizer']}); {report['num_samples']} samples from {report['samples']}. "
              f"Code: commit {code['commit']}{modified}.", ""]

@@ -31,7 +31,7 @@ from omegaconf import ListConfig, OmegaConf  # noqa: E402
 
 from evaluator.evaluation import AdmScorer  # noqa: E402
 from evaluator.features import inception_weights_path  # noqa: E402
-from evaluator.measurement import new_figure, write_report  # noqa: E402
+from evaluator.measurement import add_inception_flags, new_figure, write_report  # noqa: E402
 from evaluator.npz import NpzImages  # noqa: E402
 from modeling.sampler import SamplingOptions  # noqa: E402
 from scripts.sample_imagenet_rear import finish, on_rank0_first, settings_of, start, write_samples  # noqa: E402
@@ -57,9 +57,8 @@ FLAGS.add_argument("--num-samples", type=positive_int, default=10_000, help="sam
 FLAGS.add_argument("--final-samples", type=positive_int, default=None,
                    help="then sample this many at the best point (e.g. 50000) into OUTPUT_DIR/final.npz")
 FLAGS.add_argument("--select", choices=sorted(SELECT), default="FID", help="what 'best' means (default FID)")
-FLAGS.add_argument("--inception-weights", default=None, help="Inception weights file (default: torch hub cache)")
 FLAGS.add_argument("--batch-size", type=positive_int, default=64, help="images per Inception forward pass")
-FLAGS.add_argument("--allow-few-samples", action="store_true", help="FID / sFID over fewer than 2048 samples anyway")
+add_inception_flags(FLAGS)
 
 SCRIPT = Script(
     usage="torchrun --nproc_per_node=K scripts/guidance_search.py config=FILE.yaml experiment.generator_checkpoint=W "

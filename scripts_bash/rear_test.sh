@@ -19,9 +19,9 @@ usage: $0 CONFIG CHECKPOINT NUM_GPUS REF_BATCH [key=value ...]
                       metrics.json, consistency.*, exposure.* and the figures beside them
   HELD_OUT            held-out tokens (.jsonl, or a reference .npz with tokens from python -m evaluator.reconstruction
                       --write-reference): the consistency baseline and exposure bias
-  SEARCH_DIR          a guidance search's folder (scripts/guidance_search.py) to include
-  RECONSTRUCTION_DIR  a tokenizer reconstruction's folder (python -m evaluator.reconstruction) to include: rFID
   INCEPTION_WEIGHTS   the Inception weights file, if it is not in the torch hub cache
+  REPORT_FLAGS        more flags for the report (split at spaces), e.g. "--search runs/search/rear_s
+                      --reconstruction runs/recon/maskgit --limit 10000" (see python -m evaluator.report --help)
 example:
   $0 configs/rear_s.yaml reAR-S.safetensors 8 VIRTUAL_imagenet256_labeled.npz
 USAGE
@@ -37,7 +37,7 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 torchrun --standalone --nproc_per_node="$num_gpus" "$repo/scripts/sample_imagenet_rear.py" \
   config="$config" experiment.generator_checkpoint="$checkpoint" experiment.output_dir="$out/samples" "$@"
+# shellcheck disable=SC2086  # REPORT_FLAGS is a list of flags
 python -m evaluator.report "$out/samples.npz" config="$config" experiment.generator_checkpoint="$checkpoint" "$@" \
-  --ref "$ref_batch" --output "$out" ${HELD_OUT:+--held-out "$HELD_OUT"} ${SEARCH_DIR:+--search "$SEARCH_DIR"} \
-  ${RECONSTRUCTION_DIR:+--reconstruction "$RECONSTRUCTION_DIR"} \
-  ${INCEPTION_WEIGHTS:+--inception-weights "$INCEPTION_WEIGHTS"}
+  --ref "$ref_batch" --output "$out" ${HELD_OUT:+--held-out "$HELD_OUT"} \
+  ${INCEPTION_WEIGHTS:+--inception-weights "$INCEPTION_WEIGHTS"} ${REPORT_FLAGS:-}

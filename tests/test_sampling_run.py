@@ -159,7 +159,7 @@ def test_rear_test_sh_samples_then_reports(tmp_path):
         (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n')
         (bin_dir / name).chmod(0o755)
     env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUTPUT_DIR": str(tmp_path / "out dir"),
-           "HELD_OUT": "val.npz"}
+           "HELD_OUT": "val.npz", "REPORT_FLAGS": "--search runs/search --limit 100"}
     result = subprocess.run(
         ["bash", str(script), "configs/rear_s.yaml", "reAR-S.safetensors", "8", "ref.npz", "sampling.seed=1"],
         env=env, capture_output=True, text=True,
@@ -171,7 +171,7 @@ def test_rear_test_sh_samples_then_reports(tmp_path):
         f"experiment.generator_checkpoint=reAR-S.safetensors experiment.output_dir={out}/samples sampling.seed=1",
         f"python -m evaluator.report {out}/samples.npz config=configs/rear_s.yaml "
         f"experiment.generator_checkpoint=reAR-S.safetensors sampling.seed=1 --ref ref.npz --output {out} "
-        "--held-out val.npz",
+        "--held-out val.npz --search runs/search --limit 100",
     ]
 
 
