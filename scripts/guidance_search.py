@@ -168,23 +168,27 @@ def figure_of(state: dict, grid_keys: List[str]):
     """FID and IS against the first grid key, a line for each setting of the others; the best point starred."""
     figure, (fid_axes, is_axes) = new_figure(2)
     first, rest = grid_keys[0], grid_keys[1:]
-    xs = sorted({p["values"][first] for p in state["points"]}, key=str)
-    numeric = all(isinstance(x, (int, float)) for x in xs)
-    position = {x: (x if numeric else i) for i, x in enumerate(xs)}
+    values = [p["values"][first] for p in state["points"]]
+    numeric = all(isinstance(x, (int, float)) for x in values)
+    xs = sorted(set(values)) if numeric else list(dict.fromkeys(map(str, values)))  # names, lists: as given
+
+    def position(x):
+        return x if numeric else xs.index(str(x))
+
     series: Dict[str, List[dict]] = {}
     for point in state["points"]:
         series.setdefault(", ".join(f"{k.rsplit('.', 1)[1]}={point['values'][k]}" for k in rest), []).append(point)
     for axes, metric in ((fid_axes, "FID"), (is_axes, "Inception Score")):
         for label, points in series.items():
-            scored = sorted((position[p["values"][first]], p["metrics"][metric]) for p in points if p["metrics"])
+            scored = sorted((position(p["values"][first]), p["metrics"][metric]) for p in points if p["metrics"])
             if scored:
                 axes.plot(*zip(*scored), marker="o", label=label or None, linewidth=1.2)
         if state["best"] is not None:
             best = state["points"][state["best"]]
-            axes.plot(position[best["values"][first]], best["metrics"][metric], marker="*", markersize=14,
+            axes.plot(position(best["values"][first]), best["metrics"][metric], marker="*", markersize=14,
                       color="gold", markeredgecolor="black", linestyle="none", label="best")
         if not numeric:
-            axes.set_xticks(range(len(xs)), [str(x) for x in xs])
+            axes.set_xticks(range(len(xs)), xs)
         axes.set_xlabel(first)
         axes.set_ylabel(metric)
         axes.grid(alpha=0.3)
