@@ -38,7 +38,7 @@ from scripts.sample_imagenet_rear import finish, on_rank0_first, settings_of, st
 from utils.cli import Script, flag_parser, positive_int, run  # noqa: E402
 from utils.config import with_overrides  # noqa: E402
 from utils.errors import OutputError, UsageError  # noqa: E402
-from utils.files import atomic_open, changed_settings, read_record, remove_temporaries_of  # noqa: E402
+from utils.files import atomic_open, changed_settings, read_record, remove_temporaries  # noqa: E402
 from utils.fid_samples.run import class_labels  # noqa: E402
 from utils.weights import describe_file  # noqa: E402
 
@@ -117,7 +117,8 @@ def read_state(out: str, settings: dict, points: List[dict]) -> dict:
     """The search recorded in OUT/search.json (its scored points are kept), or a new one; a record made with other
     settings is refused rather than mixed with this search's points."""
     path = os.path.join(out, "search.json")
-    remove_temporaries_of(path)  # of a search killed while writing it
+    if os.path.isdir(out):
+        remove_temporaries(out)  # what a search killed while writing search.{json,png,md} left
     if not os.path.isfile(path):
         return {"settings": settings, "points": [{**p, "metrics": None} for p in points], "best": None, "final": None}
     try:
@@ -226,13 +227,13 @@ def point_configs(config, grid, out: str, num_samples: int):
     return points, configs
 
 
-def search_settings(grid, flags, config, device) -> dict:
+def search_settings(grid, flags, config, device, inception_weights: str) -> dict:
     """What every point's scores depend on besides its own values: a rerun with other settings is refused."""
     sampling = settings_of(config, SamplingOptions.from_config(config), device)
     for key, _ in grid:  # the points differ in these
         sampling.pop(key.rsplit(".", 1)[1], None)
     return {"grid": [[key, values] for key, values in grid], "num_samples": flags.num_samples,
-            "reference": describe_file(flags.ref), "inception_weights": describe_file(flags.inception_weights),
+            "reference": describe_file(flags.ref), "inception_weights": describe_file(inception_weights),
             "sampling": sampling}
 
 
@@ -243,16 +244,16 @@ def main(config, flags) -> dict:
     if flags.final_samples:
         class_labels(flags.final_samples, config.model.generator.condition_num_classes)
     NpzImages(flags.ref)  # a bad reference or missing Inception weights fail before the models load
-    inception_weights_path(flags.inception_weights)
+    weights = inception_weights_path(flags.inception_weights)
     rank, world_size, device, generator, tokenizer = start(configs[0])
-    state = from_rank0(lambda: read_state(out, search_settings(grid, flags, configs[0], device), points), rank)
+    settings = search_settings(grid, flags, configs[0], device, weights)
+    state = from_rank0(lambda: read_state(out, settings, points), rank)
     state["select"] = flags.select
     scorer = []  # rank 0's, made at the first score: the reference batch's statistics, computed once
 
     def score(npz: str) -> dict:
         if not scorer:
-            scorer.append(AdmScorer(flags.ref, flags.batch_size, str(device), flags.inception_weights,
-                                    flags.allow_few_samples))
+            scorer.append(AdmScorer(flags.ref, flags.batch_size, str(device), weights, flags.allow_few_samples))
         return scorer[0](npz)
 
     for index, (point, conf) in enumerate(zip(state["points"], configs)):
