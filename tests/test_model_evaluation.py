@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import load_script
-from evaluator import compare, reconstruction, report
+from evaluator import compare, guidance_search, reconstruction, report
 from evaluator.evaluation import AdmScorer
 from tiny_models import ROOT, TINY_CONFIG, one_thread, write_tiny_weights
 from utils.cli import parse
@@ -137,15 +137,13 @@ def test_a_search_with_another_grid_is_refused_in_its_folder(search, files, rand
     ("sampling.guidance_scale", "expected KEY=V1,V2,..."),
 ])
 def test_a_bad_grid_is_one_line(grid, message):
-    script = load_script("guidance_search")
     with pytest.raises(UsageError, match=message):
-        script.parse_grid([grid])
+        guidance_search.parse_grid([grid])
 
 
 def test_list_values_keep_their_commas():
-    script = load_script("guidance_search")
-    assert script.split_values("[0.1,1.0],[0.2, 0.9]") == ["[0.1,1.0]", "[0.2, 0.9]"]
-    assert script.parse_grid(["model.generator.guidance_window=[0.1,1.0],[0.2,0.9]"]) == [
+    assert guidance_search.split_values("[0.1,1.0],[0.2, 0.9]") == ["[0.1,1.0]", "[0.2, 0.9]"]
+    assert guidance_search.parse_grid(["model.generator.guidance_window=[0.1,1.0],[0.2,0.9]"]) == [
         ("model.generator.guidance_window", ["[0.1,1.0]", "[0.2,0.9]"])]
 
 
