@@ -123,10 +123,10 @@ def folder_batches(root: str, size: int, batch_size: int, limit: Optional[int], 
     return ((images.numpy(), labels.numpy()) for images, labels in loader), len(items)
 
 
-def shard_batches(pattern: str, size: int, batch_size: int, limit: Optional[int]) -> ImageBatches:
+def shard_batches(shards: List[str], size: int, batch_size: int, limit: Optional[int]) -> ImageBatches:
     import webdataset as wds
 
-    samples = wds.DataPipeline(wds.SimpleShardList(expand_shards(pattern, "--data")), wds.tarfile_to_samples())
+    samples = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples())
     images, labels = [], []
     for sample in samples:
         where = f"shard {sample.get('__url__', '?')} member {sample.get('__key__', '?')}"
@@ -185,7 +185,7 @@ def image_batches(config, flags, size: int):
     if data.endswith(".npz"):
         return npz_batches(data, size, bs, limit)
     if ".tar" in data:
-        return shard_batches(data, size, bs, limit), limit
+        return shard_batches(expand_shards(data, "--data"), size, bs, limit), limit  # missing shards fail now
     raise DataError(f"--data {data}: not an image folder, an .npz, a .tar shard pattern or 'toy'")
 
 
@@ -312,11 +312,19 @@ def main(config, flags) -> dict:
     out = flags.output
     shard_dir = os.path.join(out, "shards")
     shutil.rmtree(shard_dir, ignore_errors=True)  # of a run that was interrupted
+    made = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
-    scores, first_rows = reconstruct(tokenizer, batches, prefixes, device, shard_dir, total,
-                                     bool(flags.write_reference))
+    try:
+        scores, first_rows = reconstruct(tokenizer, batches, prefixes, device, shard_dir, total,
+                                         bool(flags.write_reference))
+    except BaseException:  # a bad image met on the way: nothing is left behind
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        if made and not os.listdir(out):
+            os.rmdir(out)
+        raise
     reference = flags.reference
     if flags.write_reference:
+        os.makedirs(os.path.dirname(os.path.abspath(flags.write_reference)), exist_ok=True)
         merge(shard_dir, "reference", flags.write_reference)
         reference = flags.write_reference
         print(f"wrote {reference}: the {scores[prefixes[0]].summary()['num_images']} centre-cropped input images "

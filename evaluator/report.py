@@ -35,7 +35,7 @@ from utils.cli import Script, run
 from utils.config import canonical_choice, to_container
 from utils.data.toy import TOY_CLASS_NAMES, toy_class_share
 from utils.errors import DataError, UsageError
-from utils.files import atomic_open, read_record, write_json
+from utils.files import atomic_open, atomic_path, read_record, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("FID", "sFID", "Inception Score", "Precision", "Recall")
@@ -95,7 +95,8 @@ def sample_grid(samples: NpzImages, config, path: str) -> None:
     """GRID_PER_CLASS samples of each of GRID_CLASSES classes spread over the labels, captioned with the class."""
     with np.load(samples.path) as npz:
         labels = npz["labels"] if "labels" in npz.files else np.zeros(len(samples), np.int64)
-    classes = np.unique(labels)[evenly_spaced(len(np.unique(labels)), GRID_CLASSES)]
+    present = np.unique(labels)
+    classes = present[evenly_spaced(len(present), GRID_CLASSES)]
     indices = np.sort(np.concatenate([np.flatnonzero(labels == c)[:GRID_PER_CLASS] for c in classes]))
     images = np.concatenate(list(samples.select(indices, len(indices))))
     num_classes = config.model.generator.condition_num_classes
@@ -126,15 +127,14 @@ def measure(module, config, flags, out: str, argv: List[str]) -> dict:
 
 
 def include(folder: str, name: str, out: str) -> dict:
-    """A search's or a reconstruction's results (FOLDER/<name>.json), its figure copied into OUT."""
-    path = os.path.join(folder, f"{name}.json")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file (is {folder} the --output of the {name} command?)")
-    with open(path) as f:
+    """A search's or a reconstruction's results (FOLDER/<name>.json) and its table (<name>.md), its figure copied
+    into OUT."""
+    with open(os.path.join(folder, f"{name}.json")) as f:
         results = json.load(f)
-    shutil.copyfile(os.path.join(folder, f"{name}.png"), os.path.join(out, f"{name}.png"))
     with open(os.path.join(folder, f"{name}.md")) as f:
         results["markdown"] = f.read().splitlines()
+    with atomic_path(os.path.join(out, f"{name}.png")) as copy:
+        shutil.copyfile(os.path.join(folder, f"{name}.png"), copy)
     return results
 
 
