@@ -111,7 +111,7 @@ class CenterCrops(torch.utils.data.Dataset):
         path, label = self.items[index]
         try:
             with open(path, "rb") as f:
-                return np.asarray(center_crop_arr(load_rgb(f.read()), self.size)), label
+                return np.array(center_crop_arr(load_rgb(f.read()), self.size)), label  # writable, for torch
         except Exception as err:  # a corrupt or truncated image: name it, whatever the decoder raised
             raise DataError(f"{path}: cannot decode the image ({decode_problem(err)})") from None
 

@@ -18,6 +18,7 @@ from modeling.tokenizers import ReTok, decoded_to_uint8
 from modeling.tokenizers.toy import PatchKMeansTokenizer
 from tiny_models import one_thread
 from utils.cli import parse
+from utils.config import config_from_cli
 from utils.errors import DataError, OutputError, UsageError
 
 CODES, USED, SIZE, PATCH = 16, 10, 16, 4  # 16x16 images of 4x4 patches: 16 tokens an image, 10 of 16 codes used
@@ -150,3 +151,52 @@ def test_an_existing_reference_is_not_overwritten(tmp_path):
         reconstruction.main(*parse([*TOY, "--data", "toy", "--output", str(tmp_path / "out"), "--write-reference",
                                     str(tmp_path / "ref.npz")], reconstruction.SCRIPT))
     assert (tmp_path / "ref.npz").read_bytes() == b"mine"
+
+
+def test_every_source_gives_the_adm_centre_crops_and_their_labels(tmp_path):
+    """An image folder, the same images as WebDataset shards, and an .npz of the crops: the same batches."""
+    import io
+    import tarfile
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from utils.data.images import center_crop_arr
+
+    rng, crops, labels = np.random.default_rng(3), [], []
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        for c, name in enumerate(["n01", "n02"]):
+            (tmp_path / "folder" / name).mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 256, (40 + 9 * i, 23 + 5 * c, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "folder" / name / f"{i}.png")
+                crops.append(np.asarray(center_crop_arr(Image.fromarray(pixels), SIZE)))
+                labels.append(c)
+                for suffix, data in (("png", (tmp_path / "folder" / name / f"{i}.png").read_bytes()),
+                                     ("cls", str(c).encode())):
+                    member = tarfile.TarInfo(f"{name}_{i}.{suffix}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+    np.savez_compressed(tmp_path / "crops.npz", arr_0=np.stack(crops), labels=np.array(labels))
+    config = config_from_cli(TOY)
+    for data in ("folder", "shard-0.tar", "crops.npz"):
+        flags = SimpleNamespace(data=str(tmp_path / data), batch_size=3, limit=None, num_workers=0, seed=None)
+        batches, _ = reconstruction.image_batches(config, flags, SIZE)
+        images, classes = zip(*batches)
+        assert [len(b) for b in images] == [3, 1], data
+        assert np.array_equal(np.concatenate(images), np.stack(crops)), data
+        assert np.concatenate(classes).tolist() == labels, data
+    flags = SimpleNamespace(data=str(tmp_path / "crops.npz"), batch_size=3, limit=2, num_workers=0, seed=None)
+    assert np.array_equal(np.concatenate([b for b, _ in reconstruction.image_batches(config, flags, SIZE)[0]]),
+                          np.stack(crops)[[0, 2]])  # evenly spaced: one of each class
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_images_select_reads_the_chosen_rows_in_batches(tmp_path, save):
+    from evaluator.npz import NpzImages
+
+    images = np.random.default_rng(5).integers(0, 256, (11, 4, 4, 3), dtype=np.uint8)
+    save(tmp_path / "x.npz", arr_0=images)
+    chosen = [0, 3, 4, 9, 10]
+    batches = list(NpzImages(tmp_path / "x.npz").select(chosen, 2))
+    assert [len(b) for b in batches] == [2, 2, 1] and np.array_equal(np.concatenate(batches), images[chosen])
