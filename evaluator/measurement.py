@@ -103,5 +103,5 @@ def write_report(prefix: str, results: dict, figure) -> None:
     print(f"wrote {prefix}.json and {prefix}.png")
 
 
-__all__ = ["PositionMeans", "add_inception_flags", "measurement_flags", "new_figure", "plot_by_position", "position_bands",
-           "resolve_device", "write_report"]
+__all__ = ["PositionMeans", "add_inception_flags", "measurement_flags", "new_figure", "plot_by_position",
+           "position_bands", "resolve_device", "write_report"]

@@ -148,8 +148,8 @@ def markdown(report: dict) -> List[str]:
     modified = " (with uncommitted changes)" if code["modified"] else ""
     lines = [f"# Evaluation: {report['name']}", "",
              f"Generator {report['generator_checkpoint']} ({s['backbone']}), tokenizer "
-             f"{report['tokenizer_checkpoint']} ({s['tokenizer']}); {report['num_samples']} samples from {report['samples']}. "
-             f"Code: commit {code['commit']}{modified}.", ""]
+             f"{report['tokenizer_checkpoint']} ({s['tokenizer']}); {report['num_samples']} samples from "
+             f"{report['samples']}. Code: commit {code['commit']}{modified}.", ""]
     sampling = report.get("sampling_record") or {}
     if sampling:
         keys = ("guidance_scale", "guidance_scale_pow", "temperature", "top_k", "top_p", "seed", "per_proc_batch_size",
