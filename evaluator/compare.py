@@ -1,9 +1,12 @@
-"""Runs side by side: the re-tokenization consistency and exposure-bias figures of each run as Markdown tables.
+"""Runs side by side: the ADM metrics, re-tokenization consistency and exposure-bias figures of each run as Markdown
+tables.
 
     python -m evaluator.compare --run ar_toy=runs/toy_ablation/ar_toy --run rear_toy=runs/toy_ablation/rear_toy
 
 Each run folder holds the reports of `python -m evaluator.consistency ... --output DIR/consistency` and
-`python -m evaluator.exposure ... --output DIR/exposure` (scripts_bash/toy_ablation.sh writes both).
+`python -m evaluator.exposure ... --output DIR/exposure` (scripts_bash/toy_ablation.sh writes both). A results
+folder of `python -m evaluator.report` (report.json; scripts_bash/rear_test.sh) also gives its ADM metrics
+(metrics.json), and holds exposure.json only where held-out tokens were given: a table leaves out the runs without it.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ from typing import Dict, List, Tuple
 from utils.cli import Script, flag_parser, run
 from utils.errors import DataError, UsageError
 
+ADM_METRICS = ("FID", "sFID", "Inception Score", "Precision", "Recall")
+
 FLAGS = flag_parser()
 FLAGS.add_argument("--run", action="append", required=True, metavar="NAME=DIR",
-                   help="a run's name and the folder with its consistency.json and exposure.json (repeat)")
+                   help="a run's name and the folder with its consistency.json and exposure.json, or a results "
+                        "folder of evaluator.report (repeat)")
 
 SCRIPT = Script(
     usage="python -m evaluator.compare --run NAME=DIR [--run NAME=DIR ...]",
-    summary="Print the consistency and exposure-bias figures of several runs as Markdown tables.",
+    summary="Print the ADM metrics, consistency and exposure-bias figures of several runs as Markdown tables.",
     example="python -m evaluator.compare --run ar_toy=runs/toy_ablation/ar_toy "
             "--run rear_toy=runs/toy_ablation/rear_toy",
     flags=FLAGS,
@@ -40,6 +46,15 @@ def read_report(folder: str, name: str) -> dict:
 
 def row(cells: List[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+def adm_table(reports: Dict[str, dict]) -> List[str]:
+    """ADM's five numbers, as `python -m evaluator --json` wrote them."""
+    lines = [row(["run", *ADM_METRICS, "samples"]), row(["---"] * (len(ADM_METRICS) + 2))]
+    for name, report in reports.items():
+        samples = report.get("precision_recall", {}).get("sample_images", "–")
+        lines.append(row([name, *[f"{report[m]:.4f}" for m in ADM_METRICS], str(samples)]))
+    return lines
 
 
 def consistency_table(reports: Dict[str, dict]) -> List[str]:
@@ -87,14 +102,28 @@ def parse_runs(specs: List[str]) -> List[Tuple[str, str]]:
     return runs
 
 
+def reports_of(runs: List[Tuple[str, str]], name: str) -> Dict[str, dict]:
+    """NAME.json of every run; a results folder of evaluator.report (report.json) without one is left out."""
+    return {run: read_report(folder, name) for run, folder in runs
+            if os.path.isfile(os.path.join(folder, f"{name}.json"))
+            or not os.path.isfile(os.path.join(folder, "report.json"))}
+
+
 def main(config, flags) -> str:
     runs = parse_runs(flags.run)
-    consistency = {name: read_report(folder, "consistency") for name, folder in runs}
-    exposure = {name: read_report(folder, "exposure") for name, folder in runs}
-    text = "\n".join(["Re-tokenization consistency (share of tokens that come back after decode → 8-bit image → "
-                      "encode):", "", *consistency_table(consistency), "",
-                      "Exposure bias (teacher-forced on held-out data, context corrupted at each rate):", "",
-                      *exposure_table(exposure)])
+    adm = {name: read_report(folder, "metrics") for name, folder in runs
+           if os.path.isfile(os.path.join(folder, "metrics.json"))}
+    consistency, exposure = reports_of(runs, "consistency"), reports_of(runs, "exposure")
+    sections = []
+    if adm:
+        sections += ["ADM metrics (python -m evaluator):", "", *adm_table(adm), ""]
+    if consistency:
+        sections += ["Re-tokenization consistency (share of tokens that come back after decode → 8-bit image → "
+                     "encode):", "", *consistency_table(consistency), ""]
+    if exposure:
+        sections += ["Exposure bias (teacher-forced on held-out data, context corrupted at each rate):", "",
+                     *exposure_table(exposure)]
+    text = "\n".join(sections).rstrip("\n")
     print(text)
     return text
 

@@ -27,21 +27,38 @@ def check_sample_counts(counts, allow_few_samples=False):
                 )
 
 
+class AdmScorer:
+    """A reference batch's Inception activations and statistics, computed once (and cached beside it), and ADM's five
+    numbers of any sample batch against them: a guidance search scores every point against one reference."""
+
+    def __init__(self, ref_batch, batch_size=64, device=None, inception_weights=None, allow_few_samples=False):
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size, self.allow_few_samples = batch_size, allow_few_samples
+        ref_images = NpzImages(ref_batch)
+        check_sample_counts({ref_images.path: len(ref_images)}, allow_few_samples)
+        self.features = InceptionFeatures(inception_weights_path(inception_weights), self.device)
+        self.ref = batch_activations(ref_images, self.features, batch_size)
+        self.ref_pool, self.ref_spatial = batch_statistics(ref_images.path, self.ref)
+
+    def __call__(self, sample_batch):
+        """The five numbers of ADM's evaluator for `sample_batch`, in the order it prints them."""
+        sample_images = NpzImages(sample_batch)
+        check_sample_counts({sample_images.path: len(sample_images)}, self.allow_few_samples)
+        sample = batch_activations(sample_images, self.features, self.batch_size)
+        sample_pool, sample_spatial = batch_statistics(sample_images.path, sample)
+        precision, recall = precision_recall(self.ref["pool"], sample["pool"], k=PRECISION_RECALL_K,
+                                             device=self.device)
+        return {
+            "Inception Score": inception_score(sample["softmax"]),
+            "FID": frechet_distance(*sample_pool, *self.ref_pool),
+            "sFID": frechet_distance(*sample_spatial, *self.ref_spatial),
+            "Precision": precision,
+            "Recall": recall,
+        }
+
+
 def evaluate(ref_batch, sample_batch, batch_size=64, device=None, inception_weights=None, allow_few_samples=False):
     """The five numbers of ADM's evaluator, in the order it prints them."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ref_images, sample_images = NpzImages(ref_batch), NpzImages(sample_batch)  # bad input fails before any work
     check_sample_counts({ref_images.path: len(ref_images), sample_images.path: len(sample_images)}, allow_few_samples)
-    features = InceptionFeatures(inception_weights_path(inception_weights), device)
-    ref = batch_activations(ref_images, features, batch_size)
-    sample = batch_activations(sample_images, features, batch_size)
-    ref_pool, ref_spatial = batch_statistics(ref_images.path, ref)
-    sample_pool, sample_spatial = batch_statistics(sample_images.path, sample)
-    precision, recall = precision_recall(ref["pool"], sample["pool"], k=PRECISION_RECALL_K, device=device)
-    return {
-        "Inception Score": inception_score(sample["softmax"]),
-        "FID": frechet_distance(*sample_pool, *ref_pool),
-        "sFID": frechet_distance(*sample_spatial, *ref_spatial),
-        "Precision": precision,
-        "Recall": recall,
-    }
+    return AdmScorer(ref_batch, batch_size, device, inception_weights, allow_few_samples)(sample_batch)

@@ -59,6 +59,14 @@ def measurement_flags():
     return flags
 
 
+def add_inception_flags(flags, what: str = "FID / sFID") -> None:
+    """--inception-weights and --allow-few-samples, for a command that scores with ADM's metrics."""
+    flags.add_argument("--inception-weights", default=None,
+                       help="Inception weights file (default: the torch hub cache, downloaded there when online)")
+    flags.add_argument("--allow-few-samples", action="store_true",
+                       help=f"{what} over fewer images than feature dimensions (2048) anyway")
+
+
 def resolve_device(name: Optional[str]) -> torch.device:
     """The device --device names (checked when parsed), or CUDA when there is one."""
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -95,5 +103,5 @@ def write_report(prefix: str, results: dict, figure) -> None:
     print(f"wrote {prefix}.json and {prefix}.png")
 
 
-__all__ = ["PositionMeans", "measurement_flags", "new_figure", "plot_by_position", "position_bands",
-           "resolve_device", "write_report"]
+__all__ = ["PositionMeans", "add_inception_flags", "measurement_flags", "new_figure", "plot_by_position",
+           "position_bands", "resolve_device", "write_report"]

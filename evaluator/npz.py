@@ -60,6 +60,26 @@ class NpzImages:
                     raise DataError(f"{self.path}: array data ends after {i} of {len(self)} images")
                 yield np.frombuffer(data, np.uint8).reshape(count, *self.shape[1:])
 
+    def select(self, indices, batch_size):
+        """Yield the images at `indices` (increasing), in batches of up to `batch_size`: read where they lie from a
+        stored member, picked out of one pass over a deflated one."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self._member.compress_type == zipfile.ZIP_STORED:
+            images = np.memmap(self.path, np.uint8, "r", offset=self._data_offset(), shape=self.shape)
+            for i in range(0, len(indices), batch_size):
+                yield np.array(images[indices[i : i + batch_size]])
+            return
+        kept, start = [], 0
+        for batch in self.batches(batch_size):
+            rows = indices[(indices >= start) & (indices < start + len(batch))] - start
+            kept.extend(batch[rows])
+            start += len(batch)
+            while len(kept) >= batch_size:
+                yield np.stack(kept[:batch_size])
+                kept = kept[batch_size:]
+        if kept:
+            yield np.stack(kept)
+
     def _data_offset(self):
         """Byte offset of the array data in the file: the central directory gives the local header's offset,
         whose own name and extra-field lengths (which may differ from the central directory's) follow."""

@@ -47,13 +47,18 @@ def load_samples(path: str, num_classes: int):
     return images, labels
 
 
+def toy_uint8_images(count: int, toy, seed: int):
+    """`count` toy images (of the `dataset.toy` section `toy`) as the bytes a samples .npz holds, uint8
+    (N, H, W, 3), and their labels (N,)."""
+    images, labels = toy_images(count, toy.num_classes, toy.image_size, seed)
+    return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy(), labels.numpy()
+
+
 def toy_fid(images: np.ndarray, config, weights: str, batch_size: int, device: str) -> float:
     """FID of `images` against as many fresh toy images (a seed the training set does not use)."""
     from evaluator.features import InceptionFeatures, inception_weights_path
 
-    toy = config.dataset.toy
-    reference, _ = toy_images(len(images), toy.num_classes, toy.image_size, seed=toy.seed + 2)
-    reference = (reference.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    reference, _ = toy_uint8_images(len(images), config.dataset.toy, seed=config.dataset.toy.seed + 2)
     features = InceptionFeatures(inception_weights_path(weights), device)
 
     def pool(batch):

@@ -104,21 +104,28 @@ def settings_of(config, options: SamplingOptions, device: torch.device) -> dict:
     }
 
 
-def main(config, flags=None) -> None:
-    s, sample_dir = config.sampling, config.experiment.output_dir
+def start(config):
+    """(rank, world size, device, generator, tokenizer): the checks that need no file, the process group, and the
+    models on this rank's device. Nothing is written yet."""
     if not config.experiment.generator_checkpoint:
         raise UsageError("set experiment.generator_checkpoint=PATH (a local file or a released name, "
                          "e.g. reAR-S.safetensors)")
-    class_labels(s.num_samples, config.model.generator.condition_num_classes)  # a bad count fails before any work
+    class_labels(config.sampling.num_samples, config.model.generator.condition_num_classes)  # fails before any work
     rank, world_size, device = setup_distributed()
     if device.type == "cuda":  # as the original sampler ran: fp32 with TF32 matmuls (bf16 is an opt-in)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    options = SamplingOptions.from_config(config)
     # (under torchrun, a rank that fails here ends the whole group). The tokenizer first: a config that does not
     # describe it fails on that, not on the generator weights' shapes.
     tokenizer = build_tokenizer(config).to(device).eval()
     generator = load_generator(config, config.experiment.generator_checkpoint).to(device)
+    return rank, world_size, device, generator, tokenizer
+
+
+def write_samples(config, generator, tokenizer, rank: int, world_size: int, device: torch.device) -> str:
+    """experiment.output_dir=DIR → DIR.npz with the `sampling.*` of `config` (every rank calls it); its path."""
+    s, sample_dir = config.sampling, config.experiment.output_dir
+    options = SamplingOptions.from_config(config)
     # Only now, with the models loaded, is the folder made: a run that fails at start-up leaves nothing behind.
     complete = on_rank0_first(lambda: prepare_sample_dir(sample_dir, settings_of(config, options, device)), rank)
     if complete:
@@ -136,8 +143,18 @@ def main(config, flags=None) -> None:
             print(f"wrote {npz_path(sample_dir)}: arr_0 uint8 {shapes['arr_0']}, tokens {shapes['tokens']}, "
                   f"labels {shapes['labels']}")
     barrier()
+    return npz_path(sample_dir)
+
+
+def finish() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def main(config, flags=None) -> None:
+    rank, world_size, device, generator, tokenizer = start(config)
+    write_samples(config, generator, tokenizer, rank, world_size, device)
+    finish()
 
 
 if __name__ == "__main__":

@@ -17,11 +17,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from modeling import build_tokenizer  # noqa: E402
 from utils.cli import Script, flag_parser, positive_int, run  # noqa: E402
-from utils.data.toy import encode_images, toy_images  # noqa: E402
+from utils.data.toy import HELD_OUT_SEED_OFFSET, encode_images, toy_images  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
 from utils.files import atomic_open  # noqa: E402
 
-HELD_OUT_SEED_OFFSET = 100  # default seed: dataset.toy.seed + this (training draws its images from dataset.toy.seed)
 
 FLAGS = flag_parser()
 FLAGS.add_argument("--output", required=True, help="the JSON Lines file to write")

@@ -12,6 +12,8 @@ A fault is a dict:
             partial  half the files of the folder it was given deleted, then SIGKILL (a kill mid-rmtree)
             enospc   the call, the file cut to half, then OSError(ENOSPC) raised (a disk that fills mid-write)
             bug      RuntimeError raised instead of the call (a bug of ours)
+            replace  every call answered by the function `with` names ("module:attribute") instead: a stand-in
+                     for a slow computation the campaign does not test (`match` and `nth` do not apply)
 or {"fsize_limit": bytes}: a real limit on the size of any file the process writes (writes past it fail with
 EFBIG, "File too large", as on a full disk).
 """
@@ -42,6 +44,9 @@ def install(faults: Sequence[Dict]) -> None:
 
 
 def _wrapped(original: Callable, fault: Dict) -> Callable:
+    if fault["action"] == "replace":
+        module_name, attribute = fault["with"].split(":")
+        return getattr(importlib.import_module(module_name), attribute)
     pattern, nth, action = re.compile(fault.get("match", "")), fault.get("nth", 1), ACTIONS[fault["action"]]
     seen = 0
 

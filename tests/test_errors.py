@@ -465,6 +465,9 @@ ENTRY_POINTS = {
     "-m evaluator.exposure": ("experiment.generator_checkpoint", "model.generator.backbone"),
     "-m evaluator.compare": (),
     "scripts/tokenize_toy.py": ("dataset.toy", "experiment.tokenizer_checkpoint"),
+    "scripts/guidance_search.py": ("sampling", "experiment.generator_checkpoint"),
+    "-m evaluator.reconstruction": ("model.vq_model.model_type", "experiment.tokenizer_checkpoint"),
+    "-m evaluator.report": ("experiment.generator_checkpoint", "model.generator.backbone"),
 }
 
 

@@ -146,26 +146,32 @@ def test_a_damaged_sampling_json_is_named_not_a_traceback(weights, tmp_path, dam
         sample(arguments(weights, output_dir))
 
 
-def test_rear_test_sh_samples_then_evaluates(tmp_path):
+def test_rear_test_sh_samples_then_reports(tmp_path):
     script = ROOT / "scripts_bash" / "rear_test.sh"
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage:" in usage.stderr and "REF_BATCH" in usage.stderr
+    helped = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and helped.stdout.startswith("usage:") and "HELD_OUT" in helped.stdout
     # Stand-ins for torchrun and python that record their command lines.
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
     for name in ("torchrun", "python"):
         (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n')
         (bin_dir / name).chmod(0o755)
-    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUTPUT_DIR": str(tmp_path / "out dir")}
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUTPUT_DIR": str(tmp_path / "out dir"),
+           "HELD_OUT": "val.npz", "REPORT_FLAGS": "--search runs/search --limit 100"}
     result = subprocess.run(
         ["bash", str(script), "configs/rear_s.yaml", "reAR-S.safetensors", "8", "ref.npz", "sampling.seed=1"],
         env=env, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr
+    out = f"{tmp_path}/out dir"
     assert log.read_text().splitlines() == [
         f"torchrun --standalone --nproc_per_node=8 {SCRIPT} config=configs/rear_s.yaml "
-        f"experiment.generator_checkpoint=reAR-S.safetensors experiment.output_dir={tmp_path}/out dir sampling.seed=1",
-        f"python -m evaluator ref.npz {tmp_path}/out dir.npz",
+        f"experiment.generator_checkpoint=reAR-S.safetensors experiment.output_dir={out}/samples sampling.seed=1",
+        f"python -m evaluator.report {out}/samples.npz config=configs/rear_s.yaml "
+        f"experiment.generator_checkpoint=reAR-S.safetensors sampling.seed=1 --ref ref.npz --output {out} "
+        "--held-out val.npz --search runs/search --limit 100",
     ]
 
 

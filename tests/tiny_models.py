@@ -44,10 +44,11 @@ def conditioned(generator: ReAR) -> ReAR:
     return generator
 
 
-def write_tiny_weights(folder: Path) -> tuple[str, str]:
-    """(generator, tokenizer) `.safetensors` paths in `folder`, fixed by seed 0."""
+def write_tiny_weights(folder: Path, overrides=()) -> tuple[str, str]:
+    """(generator, tokenizer) `.safetensors` paths in `folder`, fixed by seed 0 (the generator of rear_tiny.yaml with
+    `overrides`, e.g. fewer classes)."""
     torch.manual_seed(0)
-    generator = conditioned(ReAR(load_config(str(TINY_CONFIG))))
+    generator = conditioned(ReAR(load_config(str(TINY_CONFIG), overrides)))
     tokenizer = MaskGITVQGAN(TINY_VQGAN)
     paths = str(folder / "tiny_generator.safetensors"), str(folder / "tiny_vqgan.safetensors")
     save_file(generator.state_dict(), paths[0])

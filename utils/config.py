@@ -502,6 +502,11 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
     return check(config, f"{path} and the command line" if overrides and path else path or "the command line")
 
 
+def with_overrides(config: DictConfig, overrides: Sequence[str], source: str = "the command line") -> DictConfig:
+    """A copy of a loaded `config` with `overrides` (["a.b=c", ...]) applied, checked as `load_config` checks."""
+    return check(_merge(config, parse_overrides(overrides), source), source)
+
+
 def split_cli(argv: Iterable[str]) -> Tuple[Optional[str], List[str]]:
     """`config=FILE.yaml a.b=c ...` → (FILE.yaml, ["a.b=c", ...])."""
     path, overrides = None, []
@@ -541,4 +546,5 @@ __all__ = [
     "to_container",
     "to_yaml",
     "validate",
+    "with_overrides",
 ]

@@ -18,6 +18,7 @@ SHAPES = ("disk", "square", "triangle", "cross", "ring")
 COLOURS = ((0.95, 0.25, 0.15), (0.20, 0.55, 0.95))  # red, blue
 COLOUR_NAMES = ("red", "blue")
 MAX_CLASSES = len(SHAPES) * len(COLOURS)
+HELD_OUT_SEED_OFFSET = 100  # held-out images: seed dataset.toy.seed + this (training draws from dataset.toy.seed)
 TOY_CLASS_NAMES = [f"{c} {COLOUR_NAMES[c // len(SHAPES)]} {SHAPES[c % len(SHAPES)]}" for c in range(MAX_CLASSES)]
 
 
