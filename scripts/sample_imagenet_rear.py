@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import sys
 from functools import partial
 
@@ -25,8 +26,9 @@ from modeling import build_tokenizer, load_generator  # noqa: E402
 from modeling.sampler import SamplingOptions, effective_precision, sample  # noqa: E402
 from modeling.tokenizers import decoded_to_uint8  # noqa: E402
 from utils.cli import Script, run  # noqa: E402
-from utils.errors import UsageError  # noqa: E402
+from utils.errors import OutputError, UsageError  # noqa: E402
 from utils.fid_samples.run import class_labels, make_shards, merge_shards, npz_path, prepare_sample_dir  # noqa: E402
+from utils.preemption import STOPPED_EXIT_CODE, RankVote, StopSignals, exit_stopped  # noqa: E402
 from utils.weights import describe_file  # noqa: E402
 
 SCRIPT = Script(
@@ -51,13 +53,13 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    # Long timeout: ranks wait at the final barrier while the slowest one finishes its last batches.
+    # Long timeout: the other ranks wait at the final barrier while rank 0 writes the .npz.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def on_rank0_first(fn, rank: int):
-    """`fn()` on rank 0, then on the other ranks. An error on rank 0 stops every rank at once, instead of
+def on_rank0(fn, rank: int):
+    """`fn()` on rank 0, its result on every rank. An error on rank 0 stops every rank at once, instead of
     leaving them waiting at the barrier until its timeout."""
     result, error = None, None
     if rank == 0:
@@ -65,14 +67,23 @@ def on_rank0_first(fn, rank: int):
             result = fn()
         except Exception as err:  # re-raised below, after the other ranks are told
             error = err
-    failed = [None if error is None else f"{type(error).__name__}: {error}"]
+    shared = [result, None if error is None else f"{type(error).__name__}: {error}"]
     if dist.is_initialized():
-        dist.broadcast_object_list(failed, src=0)
+        dist.broadcast_object_list(shared, src=0)
     if error is not None:
         raise error
-    if failed[0] is not None:
-        raise SystemExit(f"rank {rank}: stopping, rank 0 failed with {failed[0]}")
-    return result if rank == 0 else fn()
+    if shared[1] is not None:
+        raise SystemExit(f"rank {rank}: stopping, rank 0 failed with {shared[1]}")
+    return shared[0]
+
+
+def check_shared_folder(sample_dir: str, rank: int) -> None:
+    """Every rank writes its shards into the folder rank 0 made, and rank 0 reads them all: on several machines it
+    must be on a file system they share."""
+    record = os.path.join(sample_dir, "sampling.json")
+    if not os.path.isfile(record):
+        raise OutputError(f"rank {rank} on {socket.gethostname()} does not see {record}, which rank 0 wrote: "
+                          "experiment.output_dir must be on a file system that every machine shares")
 
 
 def barrier() -> None:
@@ -120,25 +131,40 @@ def main(config, flags=None) -> None:
     tokenizer = build_tokenizer(config).to(device).eval()
     generator = load_generator(config, config.experiment.generator_checkpoint).to(device)
     # Only now, with the models loaded, is the folder made: a run that fails at start-up leaves nothing behind.
-    complete = on_rank0_first(lambda: prepare_sample_dir(sample_dir, settings_of(config, options, device)), rank)
+    complete = on_rank0(lambda: prepare_sample_dir(sample_dir, settings_of(config, options, device)), rank)
     if complete:
         if rank == 0:
             print(f"{npz_path(sample_dir)} is complete; nothing to do")
     else:
+        if rank != 0:
+            check_shared_folder(sample_dir, rank)
         if rank == 0:
             print(f"sampling {s.num_samples} images with {options} on {world_size} x {device.type}")
-        make_shards(partial(sample_batch, generator, tokenizer, options), sample_dir, s.num_samples,
-                    config.model.generator.condition_num_classes, s.per_proc_batch_size, s.seed, rank, world_size,
-                    device, s.save_png)
+        vote = RankVote()
+        with StopSignals() as signals:  # a stop signal ends the run after the batch in progress, its shard kept
+            finished = make_shards(partial(sample_batch, generator, tokenizer, options), sample_dir, s.num_samples,
+                                   config.model.generator.condition_num_classes, s.per_proc_batch_size, s.seed, rank,
+                                   world_size, device, s.save_png, lambda: vote.any((signals.requested,))[0])
+        if not finished:
+            exit_stopped(f"stopped by {signals.received or 'a stop signal to another process'}; the batches made so "
+                         f"far are kept in {sample_dir}/shards: run the same command to continue (exit code "
+                         f"{STOPPED_EXIT_CODE})", rank == 0)
         barrier()
         if rank == 0:
             shapes = merge_shards(sample_dir, s.num_samples, s.per_proc_batch_size)
             print(f"wrote {npz_path(sample_dir)}: arr_0 uint8 {shapes['arr_0']}, tokens {shapes['tokens']}, "
                   f"labels {shapes['labels']}")
     barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+
+
+def main_distributed(config, flags=None) -> None:
+    """`main`, and the process group (if any) closed however it ends (a stop signal, an error)."""
+    try:
+        main(config, flags)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    run(SCRIPT, main)
+    run(SCRIPT, main_distributed)

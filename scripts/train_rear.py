@@ -34,6 +34,7 @@ from utils.data.loader import batches, training_dataset  # noqa: E402
 from utils.data.toy import TOY_CLASS_NAMES, tokenizer_fit_images, toy_class_share  # noqa: E402
 from utils.errors import OutputError  # noqa: E402
 from utils.files import atomic_open, write_json  # noqa: E402
+from utils.preemption import STOPPED_EXIT_CODE, RankVote, SaveClock, StopSignals, exit_stopped  # noqa: E402
 from utils.grids import image_grid, labelled_rows, save_png  # noqa: E402
 from utils.training.ema import EMA  # noqa: E402
 from utils.training.logging import MetricWindow, log_grid, start_trackers, tracker_name, with_original_names  # noqa: E402
@@ -50,6 +51,7 @@ from utils.training.resume import (  # noqa: E402
     save_weights,
     write_training_state,
 )
+from utils.training.batch_plan import batch_plan  # noqa: E402
 from utils.training.step import batch_tokens, make_accelerator, train_step  # noqa: E402
 
 SCRIPT = Script(
@@ -67,6 +69,7 @@ def main(config, flags=None) -> dict:
     tracker = tracker_name(config)  # a missing tracker package stops the run here, before any work
     accelerator = make_accelerator(config, tracker, config.experiment.logging_dir or os.path.join(out, "logs"))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    plan = batch_plan(t, world)  # a global batch that does not divide among the processes stops here
 
     # Everything is built and loaded before the output folder is made: a bad file or value leaves nothing behind.
     # Same initial weights on every process; data, dropout and noise differ per process from here on.
@@ -105,7 +108,7 @@ def main(config, flags=None) -> dict:
     # The data iterator is made before the random state is set (or restored): making it draws from it.
     state = read_train_state(checkpoint) if checkpoint else {"step": 0, "samples_seen": 0}
     step, samples_seen = state["step"], state["samples_seen"]
-    data = iter(batches(config, dataset, rank, world, samples_seen, step))
+    data = iter(batches(config, dataset, rank, world, samples_seen, step, plan.per_gpu))
     restored = checkpoint is not None and load_checkpoint(
         checkpoint, rank, generator, optimizer, scheduler, ema, accelerator.scaler
     )
@@ -116,73 +119,81 @@ def main(config, flags=None) -> dict:
 
     start_trackers(accelerator, config, tracker, out)
     window = MetricWindow(device)
-    describe_run(accelerator, config, dataset, generator)
+    describe_run(accelerator, config, dataset, generator, plan)
     last_step = min(t.max_train_steps, t.stop_steps or t.max_train_steps)
     progress = tqdm(total=last_step, initial=step, disable=not accelerator.is_main_process, desc="train")
-    micro_batch = t.per_gpu_batch_size * world  # samples one micro-step consumes over all processes
     max_grad_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
     window_start = (time.time(), step)
+    vote, clock = RankVote(), SaveClock(config.experiment.save_every_minutes)
 
     def next_batch():
         return batch_tokens(next(data), tokenizer, device, config.model.generator.image_seq_len)
 
-    while step < last_step:
-        grad_norms_due = (step + 1) % config.experiment.log_grad_norm_every == 0
-        terms, lr, parameter_norms = train_step(accelerator, model, objective, next_batch, optimizer, scheduler, step,
-                                                t.gradient_accumulation_steps, max_grad_norm, grad_norms_due)
-        samples_seen += micro_batch * t.gradient_accumulation_steps
-        if ema is not None:
-            ema.update(generator)
-        step += 1
-        window.add(terms, step)
-        progress.update(1)
-        if parameter_norms:
-            accelerator.log(parameter_norms, step=step)
+    with StopSignals() as signals:  # from here a stop signal ends the run after the step in progress, saved
+        while step < last_step:
+            grad_norms_due = (step + 1) % config.experiment.log_grad_norm_every == 0
+            terms, lr, parameter_norms = train_step(accelerator, model, objective, next_batch, optimizer, scheduler,
+                                                    step, plan.accumulation, max_grad_norm, grad_norms_due)
+            samples_seen += plan.global_batch
+            if ema is not None:
+                ema.update(generator)
+            step += 1
+            window.add(terms, step)
+            progress.update(1)
+            if parameter_norms:
+                accelerator.log(parameter_norms, step=step)
 
-        if step % config.experiment.log_every == 0 or step == last_step:
-            metrics = read_metrics(accelerator, window, objective, config, step, samples_seen, lr, dataset)
-            seconds = time.time() - window_start[0]
-            metrics["samples_per_second"] = (step - window_start[1]) * micro_batch * t.gradient_accumulation_steps / seconds
-            metrics["samples_per_second_per_process"] = metrics["samples_per_second"] / world
-            window_start = (time.time(), step)
-            accelerator.log(with_original_names(metrics), step=step)
-            progress.set_postfix(
-                loss=f"{metrics['loss']:.3f}", ce=f"{metrics['ce']:.3f}", enc=f"{metrics['encode_alignment']:.3f}",
-                dec=f"{metrics['decode_alignment']:.3f}", r=f"{metrics['noise_rate']:.2f}",
-                acc=f"{metrics['token_accuracy']:.3f}", lr=f"{lr:.2e}",
-            )
-        if step % config.experiment.generate_every == 0:
-            stop_if_non_finite(accelerator, window)
-            if accelerator.is_main_process:
-                sample_grid(ema.averaged_model(generator) if ema else generator, tokenizer, config, step, accelerator,
-                            tracker)
-        if step % config.experiment.save_every == 0 or step == last_step:
-            stop_if_non_finite(accelerator, window)
-            save(accelerator, config, step, samples_seen, generator, optimizer, scheduler, ema)
-    progress.close()
+            if step % config.experiment.log_every == 0 or step == last_step:
+                metrics = read_metrics(accelerator, window, objective, config, step, samples_seen, lr, dataset)
+                seconds = time.time() - window_start[0]
+                metrics["samples_per_second"] = (step - window_start[1]) * plan.global_batch / seconds
+                metrics["samples_per_second_per_process"] = metrics["samples_per_second"] / world
+                window_start = (time.time(), step)
+                accelerator.log(with_original_names(metrics), step=step)
+                progress.set_postfix(
+                    loss=f"{metrics['loss']:.3f}", ce=f"{metrics['ce']:.3f}", enc=f"{metrics['encode_alignment']:.3f}",
+                    dec=f"{metrics['decode_alignment']:.3f}", r=f"{metrics['noise_rate']:.2f}",
+                    acc=f"{metrics['token_accuracy']:.3f}", lr=f"{lr:.2e}",
+                )
+            if step % config.experiment.generate_every == 0:
+                stop_if_non_finite(accelerator, window)
+                if accelerator.is_main_process:
+                    sample_grid(ema.averaged_model(generator) if ema else generator, tokenizer, config, step,
+                                accelerator, tracker)
+            by_time, stop = vote.any((clock.due, signals.requested))  # every process decides alike
+            if step % config.experiment.save_every == 0 or step == last_step or by_time or stop:
+                stop_if_non_finite(accelerator, window)
+                saved = save(accelerator, config, step, samples_seen, generator, optimizer, scheduler, ema)
+                clock.reset()
+            if stop and step < last_step:  # (at the last step the final outputs are written, and the run is done)
+                progress.close()
+                accelerator.end_training()
+                exit_stopped(f"stopped by {signals.received or 'a stop signal to another process'} after step "
+                             f"{step}, saved in {saved}: run the same command to continue (exit code "
+                             f"{STOPPED_EXIT_CODE})", accelerator.is_main_process)
+        progress.close()
 
-    summary = {"step": step, "samples_seen": samples_seen}
-    if accelerator.is_main_process:
-        final = ema.model_state_dict(generator) if ema is not None else generator.state_dict()
-        save_weights(os.path.join(out, "generator.safetensors"), final)
-        if toy:
-            summary.update(finish_toy(ema.averaged_model(generator) if ema else generator, tokenizer, config))
-        write_json(os.path.join(out, "summary.json"), summary)
+        summary = {"step": step, "samples_seen": samples_seen}
+        if accelerator.is_main_process:
+            final = ema.model_state_dict(generator) if ema is not None else generator.state_dict()
+            save_weights(os.path.join(out, "generator.safetensors"), final)
+            if toy:
+                summary.update(finish_toy(ema.averaged_model(generator) if ema else generator, tokenizer, config))
+            write_json(os.path.join(out, "summary.json"), summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
-def describe_run(accelerator, config, dataset, generator) -> None:
+def describe_run(accelerator, config, dataset, generator, plan) -> None:
     t, g = config.training, config.model.generator
-    global_batch = t.per_gpu_batch_size * accelerator.num_processes * t.gradient_accumulation_steps
     method = [f"noisy context ({g.perturb_mode})" if g.perturb_mode != "none" else "",
               "alignment (" + "+".join(h.split("_")[0] for h in generator.alignment_heads) + ")"
               if generator.alignment_heads else "", "RAR order" if g.order == "random" else ""]
     accelerator.print(
         f"training {g.backbone}: {generator.num_parameters() / 1e6:.1f}M parameters, "
-        f"{', '.join(m for m in method if m) or 'plain AR'}; {accelerator.num_processes} processes on "
-        f"{accelerator.device.type}, global batch {global_batch}, {t.max_train_steps} steps, precision "
+        f"{', '.join(m for m in method if m) or 'plain AR'} on {accelerator.device.type}: {plan.describe()}, "
+        f"{t.max_train_steps} steps, precision "
         f"{t.mixed_precision}. The loss is CE + {g.transition_alignment_weight} x (encode + decode alignment), "
         "each alignment term a mean of -cos, so it can be negative."
     )
@@ -218,16 +229,18 @@ def stop_if_non_finite(accelerator, window) -> None:
         )
 
 
-def save(accelerator, config, step, samples_seen, generator, optimizer, scheduler, ema) -> None:
+def save(accelerator, config, step, samples_seen, generator, optimizer, scheduler, ema) -> str:
     out = config.experiment.output_dir
 
     def write_shared(directory):
         write_training_state(directory, generator, optimizer, scheduler, ema, accelerator.scaler)
 
     train_state = {"samples_seen": samples_seen, "world_size": accelerator.num_processes}
-    save_checkpoint(out, step, train_state, write_shared, accelerator.wait_for_everyone, accelerator.process_index)
+    saved = save_checkpoint(out, step, train_state, write_shared, accelerator.wait_for_everyone,
+                            accelerator.process_index)
     if accelerator.is_main_process:
         prune_checkpoints(out, config.experiment.keep_last_checkpoints)
+    return saved
 
 
 def grid_classes(num_classes: int, count: int) -> torch.Tensor:

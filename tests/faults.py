@@ -12,6 +12,10 @@ A fault is a dict:
             partial  half the files of the folder it was given deleted, then SIGKILL (a kill mid-rmtree)
             enospc   the call, the file cut to half, then OSError(ENOSPC) raised (a disk that fills mid-write)
             bug      RuntimeError raised instead of the call (a bug of ours)
+            signal   the process sends `signal` (a name, default "SIGTERM") to itself, or with "to": "launcher" to
+                     its parent (torchrun, which passes it on to every process), then makes the call (a cluster's
+                     stop signal arriving at that point; the run goes on)
+    rank    only in the process of this RANK (under torchrun; default: every process)
 or {"fsize_limit": bytes}: a real limit on the size of any file the process writes (writes past it fail with
 EFBIG, "File too large", as on a full disk).
 """
@@ -24,11 +28,14 @@ import os
 import re
 import resource
 import signal
+from functools import partial
 from typing import Callable, Dict, Sequence
 
 
 def install(faults: Sequence[Dict]) -> None:
     for fault in faults:
+        if "rank" in fault and fault["rank"] != int(os.environ.get("RANK", 0)):
+            continue
         if "fsize_limit" in fault:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
             resource.setrlimit(resource.RLIMIT_FSIZE, (fault["fsize_limit"], resource.RLIM_INFINITY))
@@ -42,7 +49,11 @@ def install(faults: Sequence[Dict]) -> None:
 
 
 def _wrapped(original: Callable, fault: Dict) -> Callable:
-    pattern, nth, action = re.compile(fault.get("match", "")), fault.get("nth", 1), ACTIONS[fault["action"]]
+    pattern, nth = re.compile(fault.get("match", "")), fault.get("nth", 1)
+    if fault["action"] == "signal":
+        action = partial(_signal, getattr(signal, fault.get("signal", "SIGTERM")), fault.get("to") == "launcher")
+    else:
+        action = ACTIONS[fault["action"]]
     seen = 0
 
     def wrapper(*args, **kwargs):
@@ -108,6 +119,11 @@ def _enospc(original, args, kwargs):
 
 def _bug(original, args, kwargs):
     raise RuntimeError("injected bug")
+
+
+def _signal(sig, to_launcher, original, args, kwargs):
+    os.kill(os.getppid() if to_launcher else os.getpid(), sig)
+    return original(*args, **kwargs)
 
 
 def _cut_to_half(path: str) -> None:
