@@ -116,6 +116,7 @@ def main(config, flags=None) -> dict:
         set_seed(t.seed + step, device_specific=True)
     if checkpoint is not None:
         accelerator.print(f"resumed from {checkpoint} at step {step} ({samples_seen} samples)")
+        warn_if_global_batch_changed(accelerator, state, plan)
 
     start_trackers(accelerator, config, tracker, out)
     window = MetricWindow(device)
@@ -163,7 +164,7 @@ def main(config, flags=None) -> dict:
             by_time, stop = vote.any((clock.due, signals.requested))  # every process decides alike
             if step % config.experiment.save_every == 0 or step == last_step or by_time or stop:
                 stop_if_non_finite(accelerator, window)
-                saved = save(accelerator, config, step, samples_seen, generator, optimizer, scheduler, ema)
+                saved = save(accelerator, config, step, samples_seen, plan, generator, optimizer, scheduler, ema)
                 clock.reset()
             if stop and step < last_step:  # (at the last step the final outputs are written, and the run is done)
                 progress.close()
@@ -206,6 +207,15 @@ def describe_run(accelerator, config, dataset, generator, plan) -> None:
         )
 
 
+def warn_if_global_batch_changed(accelerator, state: dict, plan) -> None:
+    """The schedules count optimizer steps: a resume with another global batch (e.g. twice the GPUs without
+    training.global_batch_size) trains on a different recipe from there on, so it is said."""
+    saved = state.get("global_batch", plan.global_batch)
+    if saved != plan.global_batch and accelerator.is_main_process:
+        print(f"warning: the checkpoint was trained at global batch {saved}, this run's is {plan.global_batch} "
+              f"({plan.describe()}); set training.global_batch_size={saved} to keep it", file=sys.stderr)
+
+
 def read_metrics(accelerator, window, objective, config, step, samples_seen, lr, dataset) -> dict:
     """Averages over the logging window and all processes (the only synchronisation of the loop), and the
     schedule values of the last update."""
@@ -229,13 +239,14 @@ def stop_if_non_finite(accelerator, window) -> None:
         )
 
 
-def save(accelerator, config, step, samples_seen, generator, optimizer, scheduler, ema) -> str:
+def save(accelerator, config, step, samples_seen, plan, generator, optimizer, scheduler, ema) -> str:
     out = config.experiment.output_dir
 
     def write_shared(directory):
         write_training_state(directory, generator, optimizer, scheduler, ema, accelerator.scaler)
 
-    train_state = {"samples_seen": samples_seen, "world_size": accelerator.num_processes}
+    train_state = {"samples_seen": samples_seen, "world_size": accelerator.num_processes,
+                   "global_batch": plan.global_batch}
     saved = save_checkpoint(out, step, train_state, write_shared, accelerator.wait_for_everyone,
                             accelerator.process_index)
     if accelerator.is_main_process:

@@ -20,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_reliability import SAMPLE
+from test_reliability import SAMPLE, run
+from test_reliability import TRAIN as RELIABILITY_TRAIN
 from tiny_models import write_tiny_weights
 from utils.config import load_config
 from utils.data.loader import ResumableSampler
@@ -126,6 +127,17 @@ def test_an_optimizer_step_trains_on_the_same_samples_however_the_global_batch_i
     assert steps(processes, per_gpu, accumulation) == steps(1, 8, 1)
 
 
+def test_a_resume_with_another_global_batch_says_so(server, tmp_path):
+    out = tmp_path / "run"
+    assert run(server, RELIABILITY_TRAIN + " training.stop_steps=2", out).returncode == 0
+    resumed = run(server, RELIABILITY_TRAIN + " training.per_gpu_batch_size=4", out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ("warning: the checkpoint was trained at global batch 8, this run's is 4 (1 process x 4 per GPU x 1 "
+            "accumulation = global batch 4); set training.global_batch_size=8 to keep it") in resumed.stderr.splitlines()
+    same = run(server, RELIABILITY_TRAIN + " training.per_gpu_batch_size=4 training.max_train_steps=8", out)
+    assert "warning: the checkpoint" not in same.stderr  # resumed at 4 from its own checkpoint
+
+
 # ------------------------------------------------------------------------------------------- launches (opt-in)
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
@@ -173,21 +185,21 @@ def test_a_worker_exits_75_under_plain_python(tmp_path):
 def test_a_resume_on_another_number_of_processes_continues_the_global_stream(tmp_path):
     """training.global_batch_size=8: 2 processes x 4 for steps 1-7, 1 process x 4 x 2 accumulation for 8-14,
     2 processes again for 15-20, against 1 process x 8 for all 20 steps."""
-    run, straight = tmp_path / "run", tmp_path / "straight"
+    out, straight = tmp_path / "run", tmp_path / "straight"
     common = ["training.global_batch_size=8", "experiment.save_every=7"]
     steps = []
     for launcher, stop in ((two_processes(), 7), ([sys.executable], 14), (two_processes(), 20)):
         result = launch(launcher, "scripts/train_rear.py",
-                        arguments(TRAIN, run) + common + [f"training.stop_steps={stop}"])
+                        arguments(TRAIN, out) + common + [f"training.stop_steps={stop}"])
         assert result.returncode == 0, result.stderr[-3000:]
-        steps.append(json.loads((run / "summary.json").read_text()))
+        steps.append(json.loads((out / "summary.json").read_text()))
         assert ("1 process x 4 per GPU x 2 accumulation" if launcher == [sys.executable] else
                 "2 processes x 4 per GPU x 1 accumulation") + " = global batch 8" in result.stdout
     assert [(s["step"], s["samples_seen"]) for s in steps] == [(7, 56), (14, 112), (20, 160)]
     result = launch([sys.executable], "scripts/train_rear.py",
                     arguments(TRAIN, straight) + common + ["training.per_gpu_batch_size=8"])
     assert "1 process x 8 per GPU x 1 accumulation = global batch 8" in result.stdout
-    assert_same_weights(weights_of(run), weights_of(straight), exact=False)
+    assert_same_weights(weights_of(out), weights_of(straight), exact=False)
 
 
 @pytest.mark.cluster
