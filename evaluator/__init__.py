@@ -5,6 +5,10 @@ npz.py streams the images, features.py runs the 2015 Inception graph, activation
 features, metrics.py holds ADM's formulas and evaluation.py puts them together; `python -m evaluator`.
 """
 
+from utils.threads import use_thread_defaults
+
+use_thread_defaults()  # `python -m evaluator...` imports this package first, before torch loads
+
 
 def __getattr__(name: str):
     # `evaluate` loads on first use: the Inception code imports torchvision and torch-fidelity (seconds), which the

@@ -44,12 +44,14 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Dict, List, Optional
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
+from utils.threads import use_thread_defaults  # noqa: E402
 
+use_thread_defaults()  # before torch loads
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 from accelerate.state import AcceleratorState  # noqa: E402
 
 from modeling import build_generator  # noqa: E402

@@ -15,10 +15,13 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a clone, uninstalled
+from utils.threads import use_thread_defaults  # noqa: E402
+
+use_thread_defaults()  # before torch loads
+
+import torch  # noqa: E402
 
 from modeling import build_tokenizer, load_generator  # noqa: E402
 from modeling.sampler import SamplingOptions, sample_images  # noqa: E402

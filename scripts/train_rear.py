@@ -15,15 +15,14 @@ import os
 import sys
 import time
 
-# OpenMP threads that spin while waiting make a CPU run 10-50x slower when another process shares the cores
-# (each of the many small ops waits out a scheduler slice); sleeping waiters cost little. Set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
+from utils.threads import use_thread_defaults  # noqa: E402
+
+use_thread_defaults()  # before torch loads
 
 import torch  # noqa: E402
 from accelerate.utils import broadcast_object_list, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
 
 from modeling import build_generator, build_tokenizer  # noqa: E402
 from modeling.objective import Objective  # noqa: E402

@@ -2,8 +2,10 @@ import json
 import os
 from pathlib import Path
 
-# Spinning OpenMP waiters make small CPU ops 10-50x slower when anything else shares the cores; set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from utils.threads import use_thread_defaults  # noqa: E402
+
+use_thread_defaults()  # as every entry point does, before torch loads
+
 # Tests never reach the network: a missing released file fails at once instead of after the Hub client's retries.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
