@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 from functools import partial
 
@@ -29,7 +28,8 @@ from modeling import build_tokenizer, load_generator  # noqa: E402
 from modeling.sampler import SamplingOptions, effective_precision, sample  # noqa: E402
 from modeling.tokenizers import decoded_to_uint8  # noqa: E402
 from utils.cli import Script, run  # noqa: E402
-from utils.errors import OutputError, UsageError  # noqa: E402
+from utils.errors import UsageError  # noqa: E402
+from utils.files import check_shared  # noqa: E402
 from utils.fid_samples.run import class_labels, make_shards, merge_shards, npz_path, prepare_sample_dir  # noqa: E402
 from utils.preemption import STOPPED_EXIT_CODE, RankVote, StopSignals, exit_stopped  # noqa: E402
 from utils.weights import describe_file  # noqa: E402
@@ -78,15 +78,6 @@ def on_rank0(fn, rank: int):
     if shared[1] is not None:
         raise SystemExit(f"rank {rank}: stopping, rank 0 failed with {shared[1]}")
     return shared[0]
-
-
-def check_shared_folder(sample_dir: str, rank: int) -> None:
-    """Every rank writes its shards into the folder rank 0 made, and rank 0 reads them all: on several machines it
-    must be on a file system they share."""
-    record = os.path.join(sample_dir, "sampling.json")
-    if not os.path.isfile(record):
-        raise OutputError(f"rank {rank} on {socket.gethostname()} does not see {record}, which rank 0 wrote: "
-                          "experiment.output_dir must be on a file system that every machine shares")
 
 
 def barrier() -> None:
@@ -140,7 +131,7 @@ def main(config, flags=None) -> None:
             print(f"{npz_path(sample_dir)} is complete; nothing to do")
     else:
         if rank != 0:
-            check_shared_folder(sample_dir, rank)
+            check_shared(os.path.join(sample_dir, "sampling.json"), rank)
         if rank == 0:
             print(f"sampling {s.num_samples} images with {options} on {world_size} x {device.type}")
         vote = RankVote()

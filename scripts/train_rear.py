@@ -32,7 +32,7 @@ from utils.config import to_yaml  # noqa: E402
 from utils.data.loader import batches, training_dataset  # noqa: E402
 from utils.data.toy import TOY_CLASS_NAMES, tokenizer_fit_images, toy_class_share  # noqa: E402
 from utils.errors import OutputError  # noqa: E402
-from utils.files import atomic_open, write_json  # noqa: E402
+from utils.files import atomic_open, check_shared, write_json  # noqa: E402
 from utils.preemption import STOPPED_EXIT_CODE, RankVote, SaveClock, StopSignals, exit_stopped  # noqa: E402
 from utils.grids import image_grid, labelled_rows, save_png  # noqa: E402
 from utils.training.ema import EMA  # noqa: E402
@@ -104,6 +104,8 @@ def main(config, flags=None) -> dict:
         checkpoint[0] = latest_checkpoint(out, warn=lambda message: print(message, file=sys.stderr))
         prune_checkpoints(out, config.experiment.keep_last_checkpoints)  # a kill between a save and its pruning
     checkpoint = broadcast_object_list(checkpoint)[0]
+    if not accelerator.is_main_process:
+        check_shared(os.path.join(out, "config.yaml"), rank)  # several machines write into one folder
     # The data iterator is made before the random state is set (or restored): making it draws from it.
     state = read_train_state(checkpoint) if checkpoint else {"step": 0, "samples_seen": 0}
     step, samples_seen = state["step"], state["samples_seen"]
@@ -167,6 +169,7 @@ def main(config, flags=None) -> dict:
                 clock.reset()
             if stop and step < last_step:  # (at the last step the final outputs are written, and the run is done)
                 progress.close()
+                accelerator.wait_for_everyone()  # all processes leave together, once the pruning is done
                 accelerator.end_training()
                 exit_stopped(f"stopped by {signals.received or 'a stop signal to another process'} after step "
                              f"{step}, saved in {saved}: run the same command to continue (exit code "

@@ -25,7 +25,8 @@ from test_reliability import TRAIN as RELIABILITY_TRAIN
 from tiny_models import write_tiny_weights
 from utils.config import load_config
 from utils.data.loader import ResumableSampler
-from utils.errors import ConfigError
+from utils.errors import ConfigError, OutputError
+from utils.files import check_shared
 from utils.preemption import STOPPED_EXIT_CODE
 from utils.training.batch_plan import BatchPlan, batch_plan
 
@@ -138,6 +139,15 @@ def test_a_resume_with_another_global_batch_says_so(server, tmp_path):
     assert "warning: the checkpoint" not in same.stderr  # resumed at 4 from its own checkpoint
 
 
+def test_a_process_that_cannot_see_the_output_folder_says_it_must_be_shared(tmp_path):
+    (tmp_path / "config.yaml").write_text("written by process 0")
+    check_shared(str(tmp_path / "config.yaml"), 1)
+    with pytest.raises(OutputError, match=rf"^process 1 on {socket.gethostname()} does not see {tmp_path}/missing, "
+                                          "which process 0 wrote: the output folder must be on a file system that "
+                                          "every machine shares$"):
+        check_shared(str(tmp_path / "missing"), 1)
+
+
 # ------------------------------------------------------------------------------------------- launches (opt-in)
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
@@ -231,6 +241,56 @@ def test_two_machines_with_accelerate_train_exactly_like_one_node(two_process_ru
               f"--main_process_port={port}", "--mixed_precision=no", "--dynamo_backend=no"] for rank in range(2)]
     results = launch_nodes(nodes, "scripts/train_rear.py", arguments(TRAIN, out))
     assert [r.returncode for r in results] == [0, 0], results[0].stderr[-2000:] + results[1].stderr[-2000:]
+    assert_same_weights(weights_of(out), weights_of(two_process_run), exact=True)
+
+
+# An srun stand-in that starts the tasks here: --nodes x --ntasks-per-node processes with SLURM's variables, each
+# task's python under tests/with_faults.py (REAR_TEST_FAULTS: the signals SLURM would send); exits with the largest
+# exit code, as srun does.
+FAKE_SRUN = """#!{python}
+import os, subprocess, sys
+options = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:4])
+command = sys.argv[4:]
+command.insert(command.index("python") + 1, {with_faults!r})
+tasks = int(options["nodes"]) * int(options["ntasks-per-node"])
+processes = [subprocess.Popen(command, env={{**os.environ, "SLURM_PROCID": str(i), "SLURM_NTASKS": str(tasks),
+             "SLURM_LOCALID": str(i % int(options["ntasks-per-node"]))}}) for i in range(tasks)]
+sys.exit(max(p.wait() for p in processes))
+"""
+
+
+@pytest.mark.cluster
+def test_a_slurm_job_stopped_by_its_signal_is_requeued_and_the_requeued_job_ends_the_run_exactly(two_process_run,
+                                                                                                 tmp_path):
+    """scripts_bash/slurm_train.sh on 1 node x 2 GPUs: SLURM's SIGUSR1 (--signal) reaches both processes in step 3;
+    they save and exit 75, the job is requeued; the requeued job resumes and ends with the uninterrupted run's
+    weights."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    with_faults = str(ROOT / "tests" / "with_faults.py")
+    (bin_dir / "srun").write_text(FAKE_SRUN.format(python=sys.executable, with_faults=with_faults))
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "scontrol $*" >> "{log}"\n'
+                                      '[ "$1" = show ] && echo 127.0.0.1 || true\n')
+    for name in ("srun", "scontrol"):
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "run"
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_NNODES": "1",
+           "SLURM_GPUS_ON_NODE": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_SUBMIT_DIR": str(ROOT),
+           "MASTER_PORT": str(free_port())}
+    job = ["bash", str(ROOT / "scripts_bash" / "slurm_train.sh"), "--config", "configs/rear_toy.yaml",
+           "--output_dir", str(out), *arguments(TRAIN, out)[2:]]  # [2:]: the overrides
+    signal = {"target": "utils.training.step:train_step", "action": "signal", "nth": 3, "signal": "SIGUSR1"}
+    first = subprocess.run(job, env={**env, "REAR_TEST_FAULTS": json.dumps([signal])}, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "stopped with its work saved: requeueing job 77 to continue" in first.stdout
+    assert log.read_text().splitlines() == ["scontrol show hostnames localhost", "scontrol requeue 77"]
+    assert [os.path.basename(p) for p in sorted((out / "checkpoints").iterdir())] == ["checkpoint-00000003"]
+    requeued = subprocess.run(job, env={**env, "SLURM_RESTART_COUNT": "1"}, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "job 77 (start 1): 1 nodes x 2 GPUs" in requeued.stdout
+    assert log.read_text().splitlines()[2:] == ["scontrol show hostnames localhost"]  # no second requeue
     assert_same_weights(weights_of(out), weights_of(two_process_run), exact=True)
 
 
