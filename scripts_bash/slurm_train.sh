@@ -17,24 +17,10 @@
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
 
-CONFIG=${CONFIG:-configs/rear_s.yaml}
-OUTPUT_DIR=${OUTPUT_DIR:-}
-TRACKER=${TRACKER:-}
-OVERRIDES=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --config) CONFIG=$2; shift 2 ;;
-    --output_dir) OUTPUT_DIR=$2; shift 2 ;;
-    --tracker) TRACKER=$2; shift 2 ;;
-    -h|--help) awk 'NR > 1 && /^#SBATCH/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "${BASH_SOURCE[0]}"; exit 0 ;;
-    *) OVERRIDES+=("$1"); shift ;;
-  esac
-done
-OUTPUT_DIR=${OUTPUT_DIR:-runs/$(basename "$CONFIG" .yaml)}
-
+HELP=$(awk 'NR > 1 && /^#SBATCH/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "${BASH_SOURCE[0]}")
+usage() { echo "$HELP"; }
 # sbatch runs a copy of this script: the clone is where the job was submitted from
 cd "${REAR_ROOT:-${SLURM_SUBMIT_DIR:-$(dirname "${BASH_SOURCE[0]}")/..}}"
+source scripts_bash/train_options.sh
 source scripts_bash/slurm_tasks.sh
-ARGS=("config=$CONFIG" "experiment.output_dir=$OUTPUT_DIR")
-if [[ -n "$TRACKER" ]]; then ARGS+=("experiment.tracker=$TRACKER"); fi
-run_tasks python scripts/train_rear.py "${ARGS[@]}" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
+run_tasks python scripts/train_rear.py "${TRAIN_ARGS[@]}"

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from test_reliability import SAMPLE, run
+from test_reliability import sampled, weights  # noqa: F401  (fixtures: the tiny weights, the one-process .npz)
 from test_reliability import TRAIN as RELIABILITY_TRAIN
-from tiny_models import write_tiny_weights
 from utils.config import load_config
 from utils.data.loader import ResumableSampler
 from utils.errors import ConfigError, OutputError
@@ -295,45 +295,30 @@ def test_a_slurm_job_stopped_by_its_signal_is_requeued_and_the_requeued_job_ends
 
 
 # ------------------------------------------------------------------------------------------- the 50k sampler
-@pytest.fixture(scope="module")
-def sample_weights(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("weights")
-    write_tiny_weights(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def one_process_npz(sample_weights, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one_process")
-    result = launch([sys.executable], *sampler_arguments(out, sample_weights))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return (out / "samples.npz").read_bytes()
-
-
 def sampler_arguments(out, weights):
     script, *args = arguments(SAMPLE, out, weights)
     return script, args
 
 
 @pytest.mark.cluster
-def test_the_sampler_on_two_nodes_writes_the_bytes_of_one_process(sample_weights, one_process_npz, tmp_path):
+def test_the_sampler_on_two_nodes_writes_the_bytes_of_one_process(weights, sampled, tmp_path):
     port = free_port()
     nodes = [[*TORCHRUN, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
               f"--master_port={port}"] for rank in range(2)]
-    results = launch_nodes(nodes, *sampler_arguments(tmp_path, sample_weights))
+    results = launch_nodes(nodes, *sampler_arguments(tmp_path, weights))
     assert [r.returncode for r in results] == [0, 0], results[0].stderr[-2000:] + results[1].stderr[-2000:]
     assert "on 2 x cpu" in results[0].stdout
-    assert (tmp_path / "samples.npz").read_bytes() == one_process_npz
+    assert (tmp_path / "samples.npz").read_bytes() == sampled
 
 
 @pytest.mark.cluster
-def test_two_sampler_processes_stop_together_and_resume_to_the_same_bytes(sample_weights, one_process_npz, tmp_path):
+def test_two_sampler_processes_stop_together_and_resume_to_the_same_bytes(weights, sampled, tmp_path):
     stop = {"target": "modeling.sampler:sample", "action": "signal", "nth": 3, "rank": 1}
-    stopped = launch(two_processes(), *sampler_arguments(tmp_path, sample_weights), faults=[stop])
+    stopped = launch(two_processes(), *sampler_arguments(tmp_path, weights), faults=[stop])
     assert stopped.returncode != 0
     # rank 1's third batch is batch 5; rank 0 finishes batch 4 of the same round, and both stop there
     shards = sorted(p.name for p in (tmp_path / "samples" / "shards").iterdir())
     assert shards == [f"batch_{b:06d}.npz" for b in range(6)]
-    resumed = launch(two_processes(), *sampler_arguments(tmp_path, sample_weights))
+    resumed = launch(two_processes(), *sampler_arguments(tmp_path, weights))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (tmp_path / "samples.npz").read_bytes() == one_process_npz
+    assert (tmp_path / "samples.npz").read_bytes() == sampled
