@@ -58,6 +58,7 @@ SCRIPT = Script(
     summary="Train reAR (or RAR / plain AR) with accelerate: resumable checkpoints, sample grids, trackers.",
     example="python scripts/train_rear.py config=configs/rear_toy.yaml training.max_train_steps=300",
     sections=("experiment.output_dir", "experiment.tracker", "experiment.init_weight", "experiment.save_every",
+              "experiment.save_every_minutes",
               "model.generator.backbone", "model.generator.perturb_mode", "model.generator.order",
               "model.generator.transition_alignment", "model.vq_model.model_type", "dataset", "training"),
 )

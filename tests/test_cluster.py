@@ -51,8 +51,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def arguments(template: str, out, weights="") -> list:
-    return shlex.split(template.replace("{O}", str(out)).replace("{W}", str(weights)))
+def arguments(template: str, out, weights_dir="") -> list:
+    return shlex.split(template.replace("{O}", str(out)).replace("{W}", str(weights_dir)))
 
 
 def launch(launcher: list, script: str, args: list, faults=(), timeout=300) -> subprocess.CompletedProcess:
@@ -295,8 +295,8 @@ def test_a_slurm_job_stopped_by_its_signal_is_requeued_and_the_requeued_job_ends
 
 
 # ------------------------------------------------------------------------------------------- the 50k sampler
-def sampler_arguments(out, weights):
-    script, *args = arguments(SAMPLE, out, weights)
+def sampler_arguments(out, weights_dir):
+    script, *args = arguments(SAMPLE, out, weights_dir)
     return script, args
 
 
