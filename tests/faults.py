@@ -12,9 +12,10 @@ A fault is a dict:
             partial  half the files of the folder it was given deleted, then SIGKILL (a kill mid-rmtree)
             enospc   the call, the file cut to half, then OSError(ENOSPC) raised (a disk that fills mid-write)
             bug      RuntimeError raised instead of the call (a bug of ours)
-            signal   the process sends `signal` (a name, default "SIGTERM") to itself, or with "to": "launcher" to
-                     its parent (torchrun, which passes it on to every process), then makes the call (a cluster's
-                     stop signal arriving at that point; the run goes on)
+            signal   the process sends `signal` (a name, default "SIGTERM") to itself, with "to": "launcher" to its
+                     parent (torchrun, which passes it on to every process), or with "to": "group" from another
+                     process to its whole process group (data loader workers included, as a cluster signals every
+                     process of a job), then makes the call (a stop signal arriving at that point; the run goes on)
     rank    only in the process of this RANK (under torchrun; default: every process)
 or {"fsize_limit": bytes}: a real limit on the size of any file the process writes (writes past it fail with
 EFBIG, "File too large", as on a full disk).
@@ -28,6 +29,7 @@ import os
 import re
 import resource
 import signal
+import subprocess
 from functools import partial
 from typing import Callable, Dict, Sequence
 
@@ -51,7 +53,7 @@ def install(faults: Sequence[Dict]) -> None:
 def _wrapped(original: Callable, fault: Dict) -> Callable:
     pattern, nth = re.compile(fault.get("match", "")), fault.get("nth", 1)
     if fault["action"] == "signal":
-        action = partial(_signal, getattr(signal, fault.get("signal", "SIGTERM")), fault.get("to") == "launcher")
+        action = partial(_signal, getattr(signal, fault.get("signal", "SIGTERM")), fault.get("to", "self"))
     else:
         action = ACTIONS[fault["action"]]
     seen = 0
@@ -121,8 +123,11 @@ def _bug(original, args, kwargs):
     raise RuntimeError("injected bug")
 
 
-def _signal(sig, to_launcher, original, args, kwargs):
-    os.kill(os.getppid() if to_launcher else os.getpid(), sig)
+def _signal(sig, to, original, args, kwargs):
+    if to == "group":  # sent by `kill`, not by this process (which its data loader workers obey)
+        subprocess.run(["kill", f"-{sig.name}", "--", f"-{os.getpgrp()}"])
+    else:
+        os.kill(os.getppid() if to == "launcher" else os.getpid(), sig)
     return original(*args, **kwargs)
 
 

@@ -12,10 +12,14 @@ them with `python -m pytest -m "campaign or cluster" tests/test_preemption.py`.
 
 import json
 import os
+import shlex
 import signal
+import subprocess
+import sys
 
 import pytest
 
+from script_runner import ROOT
 from test_reliability import SAMPLE, TRAIN, campaign, checkpoint, complete_checkpoints_damaged, fault, run, tree
 from test_reliability import sampled, trained, weights  # noqa: F401  (fixtures: the uninterrupted runs)
 from utils.preemption import SaveClock, STOPPED_EXIT_CODE, StopSignals
@@ -86,6 +90,21 @@ def test_a_stop_at_a_step_that_saved_anyway_saves_it_once(server, tmp_path):
     once = fault("os:rename", "after", f"{checkpoint(4)}.tmp-save", nth=2)
     assert run(server, TRAIN, out, faults=[signal_at(STEP, nth=4), once]).returncode == STOPPED_EXIT_CODE
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == [checkpoint(2), checkpoint(4)]
+
+
+def test_a_signal_to_every_process_of_the_run_spares_the_data_loader_workers(trained, tmp_path):
+    """As a cluster signals a job: SIGTERM to the whole process group, with a data loader worker. The worker ignores
+    it (a dead worker would stop the main process before its save), the run stops and saves, and resumes exactly."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "tests" / "with_faults.py"),
+               *shlex.split(TRAIN.replace("{O}", str(out))), "dataset.params.num_workers_per_gpu=1"]
+    group_signal = signal_at(STEP, nth=3, to="group")
+    for faults, code in (([group_signal], STOPPED_EXIT_CODE), ([], 0)):
+        result = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                        "REAR_TEST_FAULTS": json.dumps(faults)},
+                                capture_output=True, text=True, timeout=300, start_new_session=True)
+        assert result.returncode == code, result.stderr[-3000:]
+    assert tree(out) == trained
 
 
 # ------------------------------------------------------------------------------------------- the 50k sampler

@@ -14,8 +14,10 @@ process killed by signal N). scripts_bash/slurm_*.sh requeue the job when the ru
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 import time
 from typing import Optional, Sequence, Tuple
 
@@ -53,10 +55,21 @@ class StopSignals:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """`worker_init_fn` of data loader workers: a cluster signals every process of a job, and a worker that died
-    of SIGTERM or SIGUSR1 would stop the main process before it could save. Workers end with their main process."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    """`worker_init_fn` of data loader workers. A cluster signals every process of a job (and Ctrl-C the whole
+    process group), and a worker killed by the signal would stop the main process with an error before it could
+    save. So workers ignore SIGINT and SIGUSR1, and a SIGTERM ends one only when it comes from its main process,
+    which is how the main process ends its workers (the rule of torch's own handler, which this replaces)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    main_process = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # taken by the thread below, whoever sent it
+
+    def end_when_the_main_process_says_so():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_process:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=end_when_the_main_process_says_so, daemon=True).start()
 
 
 class RankVote:
