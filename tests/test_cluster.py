@@ -4,8 +4,8 @@ batch continues the same global sample stream (2 processes -> 1 -> 2); two "node
 --nnodes 2, or accelerate launch --num_machines 2, on 127.0.0.1) train exactly like one node with two processes,
 and the 50k sampler across two nodes writes the bytes of one process.
 
-The launches take seconds each: `python -m pytest -m cluster tests/test_cluster.py` runs them (opt-in); the
-global batch's arithmetic and the data stream run by default.
+The launches take seconds each: `python -m pytest -m cluster tests/test_cluster.py` runs them (opt-in). By default:
+the global batch's arithmetic, the data stream, and two processes stopped by a signal to one of them.
 """
 
 import json
@@ -159,12 +159,11 @@ def two_process_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.cluster
 @pytest.mark.parametrize("signal, reason", [
-    # rank 0 prints the line; it was not signalled itself
+    # rank 0 prints the line; it was not signalled itself (by default: the representative two-process case)
     pytest.param({"rank": 1, "signal": "SIGTERM"}, "a stop signal to another process", id="SIGTERM to one process"),
     pytest.param({"rank": 1, "signal": "SIGUSR1", "to": "launcher"}, "SIGUSR1",
-                 id="SIGUSR1 to torchrun, passed on to both"),
+                 id="SIGUSR1 to torchrun, passed on to both", marks=pytest.mark.cluster),
 ])
 def test_two_processes_stop_after_the_same_step_and_resume_exactly(two_process_run, tmp_path, signal, reason):
     out = tmp_path / "run"
