@@ -5,8 +5,9 @@ sampled `tokens` and `labels`).
         experiment.generator_checkpoint=reAR-S.safetensors experiment.output_dir=runs/samples/rear_s
 
 Also runs as a plain `python` process. `sampling.*` sets the size, seed, guidance and precision. The images are
-fixed by `sampling.seed` and `sampling.per_proc_batch_size` whatever the number of processes; an interrupted run
-continues where it stopped when the same command is run again. See utils/fid_samples/run.py.
+fixed by `sampling.seed` and `sampling.per_proc_batch_size` whatever the number of processes (and machines); an
+interrupted run continues where it stopped when the same command is run again. SIGTERM, SIGINT or SIGUSR1 ends it
+after the batch in progress, with exit code 75. See utils/fid_samples/run.py and docs/cluster.md.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@
 
 Writes into experiment.output_dir: checkpoints/checkpoint-<step>/ (resumable, see utils/training/resume.py),
 samples/step_<step>.png, generator.safetensors (final weights, EMA if on: `modeling.load_generator` loads it) and,
-for the toy data set, tokenizer.safetensors and samples/final.png with the classifier's score.
+for the toy data set, tokenizer.safetensors and samples/final.png with the classifier's score. SIGTERM, SIGINT or
+SIGUSR1 (a preemption, Ctrl-C, a time limit) ends the run after the step in progress, saved, with exit code 75:
+the same command continues it (docs/cluster.md, also for several machines and SLURM).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from utils.data.loader import batches, training_dataset  # noqa: E402
 from utils.data.toy import TOY_CLASS_NAMES, tokenizer_fit_images, toy_class_share  # noqa: E402
 from utils.errors import OutputError  # noqa: E402
 from utils.files import atomic_open, check_shared, write_json  # noqa: E402
-from utils.preemption import STOPPED_EXIT_CODE, RankVote, SaveClock, StopSignals, exit_stopped  # noqa: E402
 from utils.grids import image_grid, labelled_rows, save_png  # noqa: E402
+from utils.preemption import STOPPED_EXIT_CODE, RankVote, SaveClock, StopSignals, exit_stopped  # noqa: E402
+from utils.training.batch_plan import batch_plan  # noqa: E402
 from utils.training.ema import EMA  # noqa: E402
 from utils.training.logging import MetricWindow, log_grid, start_trackers, tracker_name, with_original_names  # noqa: E402
 from utils.training.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -50,7 +53,6 @@ from utils.training.resume import (  # noqa: E402
     save_weights,
     write_training_state,
 )
-from utils.training.batch_plan import batch_plan  # noqa: E402
 from utils.training.step import batch_tokens, make_accelerator, train_step  # noqa: E402
 
 SCRIPT = Script(

@@ -54,7 +54,7 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
+def keep_worker_through_stop_signals(worker_id: int = 0) -> None:
     """`worker_init_fn` of data loader workers. A cluster signals every process of a job (and Ctrl-C the whole
     process group), and a worker killed by the signal would stop the main process with an error before it could
     save. So workers ignore SIGINT and SIGUSR1, and a SIGTERM ends one only when it comes from its main process,
@@ -113,4 +113,4 @@ def exit_stopped(message: str, main_process: bool = True) -> None:
 
 
 __all__ = ["RankVote", "STOPPED_EXIT_CODE", "STOP_SIGNALS", "SaveClock", "StopSignals", "exit_stopped",
-           "ignore_stop_signals"]
+           "keep_worker_through_stop_signals"]

@@ -27,7 +27,7 @@ from utils.data.images import decode_problem, load_rgb, training_transform
 from utils.data.pretokenized import TokenDataset, open_pretokenized
 from utils.data.toy import encode_images, toy_images
 from utils.errors import DataError
-from utils.preemption import ignore_stop_signals
+from utils.preemption import keep_worker_through_stop_signals
 
 
 class ResumableSampler:
@@ -82,7 +82,7 @@ def token_loader(dataset: TokenDataset, config, rank: int, world_size: int, star
         num_workers=workers,
         pin_memory=params.pin_memory and torch.cuda.is_available(),
         persistent_workers=params.persistent_workers and workers > 0,
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=keep_worker_through_stop_signals,
     )
 
 
@@ -166,7 +166,7 @@ def shard_loader(config, step: int, rank: int = 0, batch_size: Optional[int] = N
         pin_memory=params.pin_memory and torch.cuda.is_available(),
         persistent_workers=params.persistent_workers and workers > 0,
         generator=torch.Generator().manual_seed(seed * 1_000_003 + rank),
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=keep_worker_through_stop_signals,
     )
 
 
