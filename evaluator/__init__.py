@@ -8,6 +8,10 @@ usage), guidance_search.py holds the grid and table of scripts/guidance_search.p
 in one folder and compare.py sets such folders side by side.
 """
 
+from utils.threads import use_thread_defaults
+
+use_thread_defaults()  # `python -m evaluator...` imports this package first, before torch loads
+
 
 def __getattr__(name: str):
     # `evaluate` loads on first use: the Inception code imports torchvision and torch-fidelity (seconds), which the

@@ -24,7 +24,9 @@ Sampling, images/s at --batch-size with the config's guidance settings (CFG: 2 x
   tiny one on a CPU): plain = plain tokens + one fp32 decode of the whole batch (timed separately and added);
   ours = the fastest sampler + `decode_in_batches` in --dtype, timed together (skipped, with the reason, where the
   stand-in cannot decode the config's tokens, e.g. AliTok's 273).
-Every speed-up is a ratio of two numbers from this one run, on this one device.
+Every speed-up is a ratio of two numbers from this one run, on this one device. `--competing-processes N` runs
+it beside N busy processes (a shared machine); the thread settings it ran with (--threads, OMP_WAIT_POLICY) and the
+load average are in the report.
 """
 
 from __future__ import annotations
@@ -38,18 +40,21 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Dict, List, Optional
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
+from utils.threads import use_thread_defaults  # noqa: E402
 
+use_thread_defaults()  # before torch loads
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 from accelerate.state import AcceleratorState  # noqa: E402
 
 from modeling import build_generator  # noqa: E402
@@ -58,7 +63,7 @@ from modeling.objective import Objective  # noqa: E402
 from modeling.tokenizers.base import RandomCodebook  # noqa: E402
 from modeling.sampler import SamplingOptions, decode_in_batches, why_not_fast  # noqa: E402
 from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN  # noqa: E402
-from utils.cli import Script, flag_parser, positive_int, run, torch_device  # noqa: E402
+from utils.cli import Script, flag_parser, non_negative_int, positive_int, run, torch_device  # noqa: E402
 from utils.files import atomic_open  # noqa: E402
 from utils.training.optim import build_optimizer, build_scheduler  # noqa: E402
 from utils.training.step import make_accelerator, train_step  # noqa: E402
@@ -107,6 +112,18 @@ def device_name(device: torch.device) -> str:
     except (OSError, StopIteration):
         model = platform.processor() or "unknown CPU"
     return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+@contextlib.contextmanager
+def competing_processes(count: int):
+    """`count` processes that keep one core each busy (a pure-Python loop) while the benchmark runs."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
 
 
 def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Optional[float]:
@@ -386,6 +403,8 @@ def report(result: Dict) -> str:
         f"reAR benchmark {meta['date']}: {meta['config']} ({meta['backbone']} backbone), batch {meta['batch_size']}, "
         f"ours in {meta['dtype']}",
         f"device: {meta['device']} ({meta['device_name']}), torch {meta['torch']}, python {meta['python']}",
+        f"threads: OMP_WAIT_POLICY={meta['omp_wait_policy']}, beside {meta['competing_processes']} busy processes, "
+        f"load average {meta['load_average']:.2f} at the start",
         f"model: {m['parameters'] / 1e6:.2f}M parameters; model FLOPs per image token: forward "
         f"{m['forward_flops_per_token'] / 1e6:.2f}M, training step {m['training_flops_per_token'] / 1e6:.2f}M; "
         f"peak dense bf16: {peak}",
@@ -438,6 +457,8 @@ FLAGS.add_argument("--skip-sampling", action="store_true", help="training only")
 FLAGS.add_argument("--vqgan", choices=["released", "tiny"], help="default: released on CUDA, tiny on CPU")
 FLAGS.add_argument("--decode-batch-size", type=positive_int, default=32, help="VQGAN decode chunk")
 FLAGS.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of an unlisted GPU")
+FLAGS.add_argument("--competing-processes", type=non_negative_int, default=0,
+                   help="run beside this many busy processes (one core each), as on a shared machine")
 FLAGS.add_argument("--json", default=None, help="write the results here")
 
 SCRIPT = Script(
@@ -474,17 +495,21 @@ def main(config, args, argv=None) -> Dict:
             "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
             "python": platform.python_version(), "tf32": device.type == "cuda" and config.training.enable_tf32,
             "peak_memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process max RSS so far",
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "competing_processes": args.competing_processes,
+            "load_average": os.getloadavg()[0],
         },
         "model": {"parameters": model.num_parameters(), "forward_flops_per_token": forward,
                   "training_flops_per_token": 3 * forward, "peak_flops": peak_flops(device, args.peak_tflops)},
     }
-    if not args.skip_training:
-        training = {v.key: measure_training_fitting(config, args, device, v) for v in training_variants(args, device)}
-        for entry in training.values():
-            entry["speedup"] = entry["samples_per_s"] / training["original"]["samples_per_s"]
-        result["training"] = training
-    if not args.skip_sampling:
-        result["sampling"] = measure_sampling(config, args, device, dtype)
+    with competing_processes(args.competing_processes):
+        if not args.skip_training:
+            training = {v.key: measure_training_fitting(config, args, device, v)
+                        for v in training_variants(args, device)}
+            for entry in training.values():
+                entry["speedup"] = entry["samples_per_s"] / training["original"]["samples_per_s"]
+            result["training"] = training
+        if not args.skip_sampling:
+            result["sampling"] = measure_sampling(config, args, device, dtype)
     print(report(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

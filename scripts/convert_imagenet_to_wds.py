@@ -15,7 +15,10 @@ import os
 import random
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
+from utils.threads import use_thread_defaults  # noqa: E402
+
+use_thread_defaults()  # before torch loads
 
 from tqdm.auto import tqdm  # noqa: E402
 

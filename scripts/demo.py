@@ -17,13 +17,16 @@ import os
 import sys
 from typing import Optional, Sequence
 
-import numpy as np
-import torch
-from PIL import Image
-from torch import nn
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a clone, uninstalled
+from utils.threads import use_thread_defaults  # noqa: E402
+
+use_thread_defaults()  # before torch loads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
 
 from modeling import build_tokenizer, load_generator  # noqa: E402
 from modeling.sampler import Progress, SamplingOptions, sample  # noqa: E402

@@ -20,9 +20,10 @@ from __future__ import annotations
 import os
 import sys
 
-import torch.distributed as dist
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
+from utils.threads import use_thread_defaults  # noqa: E402
+
+use_thread_defaults()  # before torch loads
 
 from evaluator.evaluation import AdmScorer  # noqa: E402
 from evaluator.features import inception_weights_path  # noqa: E402
@@ -39,7 +40,7 @@ from evaluator.guidance_search import (  # noqa: E402
 from evaluator.measurement import add_inception_flags  # noqa: E402
 from evaluator.npz import NpzImages  # noqa: E402
 from modeling.sampler import SamplingOptions  # noqa: E402
-from scripts.sample_imagenet_rear import finish, on_rank0_first, settings_of, start, write_samples  # noqa: E402
+from scripts.sample_imagenet_rear import on_rank0, settings_of, start, with_process_group_closed, write_samples  # noqa: E402
 from utils.cli import Script, flag_parser, positive_int, run  # noqa: E402
 from utils.config import with_overrides  # noqa: E402
 from utils.fid_samples.run import class_labels  # noqa: E402
@@ -71,14 +72,6 @@ SCRIPT = Script(
 )
 
 
-def from_rank0(fn, rank: int):
-    """`fn()` on rank 0 (an error there stops every rank), its result given to every rank."""
-    box = [on_rank0_first(fn if rank == 0 else (lambda: None), rank)]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def search_settings(grid, flags, config, device, inception_weights: str) -> dict:
     """What every point's scores depend on besides its own values: a rerun with other settings is refused."""
     sampling = settings_of(config, SamplingOptions.from_config(config), device)
@@ -99,7 +92,7 @@ def main(config, flags) -> dict:
     weights = inception_weights_path(flags.inception_weights)
     rank, world_size, device, generator, tokenizer = start(configs[0])
     settings = search_settings(grid, flags, configs[0], device, weights)
-    state = from_rank0(lambda: read_state(out, settings, points), rank)
+    state = on_rank0(lambda: read_state(out, settings, points), rank)
     state["select"] = flags.select
     scorer = []  # rank 0's, made at the first score: the reference batch's statistics, computed once
 
@@ -122,7 +115,7 @@ def main(config, flags) -> dict:
             state["best"] = best_point(state, flags.select)
             save_state(out, state, keys)
             print(f"{label}: {scores_text(point['metrics'])}")
-    best = from_rank0(lambda: best_point(state, flags.select), rank)
+    best = on_rank0(lambda: best_point(state, flags.select), rank)
     if rank == 0:
         state["best"] = best
         save_state(out, state, keys)
@@ -139,9 +132,8 @@ def main(config, flags) -> dict:
                                   "npz": npz, "metrics": score(npz)}
                 save_state(out, state, keys)
             print(f"at the best point with {flags.final_samples} samples: {scores_text(state['final']['metrics'])}")
-    finish()
     return state
 
 
 if __name__ == "__main__":
-    run(SCRIPT, main)
+    run(SCRIPT, with_process_group_closed(main))

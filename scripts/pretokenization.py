@@ -20,11 +20,14 @@ import sys
 from datetime import timedelta
 from typing import Iterator, List
 
-import torch
-import torch.distributed as dist
-from tqdm.auto import tqdm
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
+from utils.threads import use_thread_defaults  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+use_thread_defaults()  # before torch loads
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from modeling import build_tokenizer  # noqa: E402
 from utils.cli import Script, flag_parser, non_negative_int, positive_int, run  # noqa: E402

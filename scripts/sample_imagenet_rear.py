@@ -5,8 +5,9 @@ sampled `tokens` and `labels`).
         experiment.generator_checkpoint=reAR-S.safetensors experiment.output_dir=runs/samples/rear_s
 
 Also runs as a plain `python` process. `sampling.*` sets the size, seed, guidance and precision. The images are
-fixed by `sampling.seed` and `sampling.per_proc_batch_size` whatever the number of processes; an interrupted run
-continues where it stopped when the same command is run again. See utils/fid_samples/run.py.
+fixed by `sampling.seed` and `sampling.per_proc_batch_size` whatever the number of processes (and machines); an
+interrupted run continues where it stopped when the same command is run again. SIGTERM, SIGINT or SIGUSR1 ends it
+after the batch in progress, with exit code 75. See utils/fid_samples/run.py and docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -16,17 +17,22 @@ import os
 import sys
 from functools import partial
 
-import torch
-import torch.distributed as dist
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
+from utils.threads import use_thread_defaults  # noqa: E402
+
+use_thread_defaults()  # before torch loads
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from modeling import build_tokenizer, load_generator  # noqa: E402
 from modeling.sampler import SamplingOptions, effective_precision, sample  # noqa: E402
 from modeling.tokenizers import decoded_to_uint8  # noqa: E402
 from utils.cli import Script, run  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
+from utils.files import check_shared  # noqa: E402
 from utils.fid_samples.run import class_labels, make_shards, merge_shards, npz_path, prepare_sample_dir  # noqa: E402
+from utils.preemption import STOPPED_EXIT_CODE, RankVote, StopSignals, exit_stopped  # noqa: E402
 from utils.weights import describe_file  # noqa: E402
 
 SCRIPT = Script(
@@ -51,13 +57,13 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    # Long timeout: ranks wait at the final barrier while the slowest one finishes its last batches.
+    # Long timeout: the other ranks wait at the final barrier while rank 0 writes the .npz.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def on_rank0_first(fn, rank: int):
-    """`fn()` on rank 0, then on the other ranks. An error on rank 0 stops every rank at once, instead of
+def on_rank0(fn, rank: int):
+    """`fn()` on rank 0, its result on every rank. An error on rank 0 stops every rank at once, instead of
     leaving them waiting at the barrier until its timeout."""
     result, error = None, None
     if rank == 0:
@@ -65,14 +71,14 @@ def on_rank0_first(fn, rank: int):
             result = fn()
         except Exception as err:  # re-raised below, after the other ranks are told
             error = err
-    failed = [None if error is None else f"{type(error).__name__}: {error}"]
+    shared = [result, None if error is None else f"{type(error).__name__}: {error}"]
     if dist.is_initialized():
-        dist.broadcast_object_list(failed, src=0)
+        dist.broadcast_object_list(shared, src=0)
     if error is not None:
         raise error
-    if failed[0] is not None:
-        raise SystemExit(f"rank {rank}: stopping, rank 0 failed with {failed[0]}")
-    return result if rank == 0 else fn()
+    if shared[1] is not None:
+        raise SystemExit(f"rank {rank}: stopping, rank 0 failed with {shared[1]}")
+    return shared[0]
 
 
 def barrier() -> None:
@@ -127,16 +133,24 @@ def write_samples(config, generator, tokenizer, rank: int, world_size: int, devi
     s, sample_dir = config.sampling, config.experiment.output_dir
     options = SamplingOptions.from_config(config)
     # Only now, with the models loaded, is the folder made: a run that fails at start-up leaves nothing behind.
-    complete = on_rank0_first(lambda: prepare_sample_dir(sample_dir, settings_of(config, options, device)), rank)
+    complete = on_rank0(lambda: prepare_sample_dir(sample_dir, settings_of(config, options, device)), rank)
     if complete:
         if rank == 0:
             print(f"{npz_path(sample_dir)} is complete; nothing to do")
     else:
+        if rank != 0:
+            check_shared(os.path.join(sample_dir, "sampling.json"), rank)
         if rank == 0:
             print(f"sampling {s.num_samples} images with {options} on {world_size} x {device.type}")
-        make_shards(partial(sample_batch, generator, tokenizer, options), sample_dir, s.num_samples,
-                    config.model.generator.condition_num_classes, s.per_proc_batch_size, s.seed, rank, world_size,
-                    device, s.save_png)
+        vote = RankVote()
+        with StopSignals() as signals:  # a stop signal ends the run after the batch in progress, its shard kept
+            finished = make_shards(partial(sample_batch, generator, tokenizer, options), sample_dir, s.num_samples,
+                                   config.model.generator.condition_num_classes, s.per_proc_batch_size, s.seed, rank,
+                                   world_size, device, s.save_png, lambda: vote.any((signals.requested,))[0])
+        if not finished:
+            exit_stopped(f"stopped by {signals.received or 'a stop signal to another process'}; the batches made so "
+                         f"far are kept in {sample_dir}/shards: run the same command to continue (exit code "
+                         f"{STOPPED_EXIT_CODE})", rank == 0)
         barrier()
         if rank == 0:
             shapes = merge_shards(sample_dir, s.num_samples, s.per_proc_batch_size)
@@ -146,16 +160,21 @@ def write_samples(config, generator, tokenizer, rank: int, world_size: int, devi
     return npz_path(sample_dir)
 
 
-def finish() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def with_process_group_closed(main):
+    """`main`, with the process group (if any) closed however it ends (a stop signal, an error)."""
+    def closing(config, flags=None):
+        try:
+            return main(config, flags)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return closing
 
 
 def main(config, flags=None) -> None:
     rank, world_size, device, generator, tokenizer = start(config)
     write_samples(config, generator, tokenizer, rank, world_size, device)
-    finish()
 
 
 if __name__ == "__main__":
-    run(SCRIPT, main)
+    run(SCRIPT, with_process_group_closed(main))

@@ -12,8 +12,10 @@ import json
 import os
 import sys
 
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
+from utils.threads import use_thread_defaults  # noqa: E402
+
+use_thread_defaults()  # before torch loads
 
 from modeling import build_tokenizer  # noqa: E402
 from utils.cli import Script, flag_parser, positive_int, run  # noqa: E402

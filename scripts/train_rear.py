@@ -5,7 +5,9 @@
 
 Writes into experiment.output_dir: checkpoints/checkpoint-<step>/ (resumable, see utils/training/resume.py),
 samples/step_<step>.png, generator.safetensors (final weights, EMA if on: `modeling.load_generator` loads it) and,
-for the toy data set, tokenizer.safetensors and samples/final.png with the classifier's score.
+for the toy data set, tokenizer.safetensors and samples/final.png with the classifier's score. SIGTERM, SIGINT or
+SIGUSR1 (a preemption, Ctrl-C, a time limit) ends the run after the step in progress, saved, with exit code 75:
+the same command continues it (docs/cluster.md, also for several machines and SLURM).
 """
 
 from __future__ import annotations
@@ -15,15 +17,14 @@ import os
 import sys
 import time
 
-# OpenMP threads that spin while waiting make a CPU run 10-50x slower when another process shares the cores
-# (each of the many small ops waits out a scheduler slice); sleeping waiters cost little. Set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
+from utils.threads import use_thread_defaults  # noqa: E402
+
+use_thread_defaults()  # before torch loads
 
 import torch  # noqa: E402
 from accelerate.utils import broadcast_object_list, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
 
 from modeling import build_generator, build_tokenizer  # noqa: E402
 from modeling.objective import Objective  # noqa: E402
@@ -33,8 +34,10 @@ from utils.config import to_yaml  # noqa: E402
 from utils.data.loader import batches, training_dataset  # noqa: E402
 from utils.data.toy import TOY_CLASS_NAMES, tokenizer_fit_images, toy_class_share  # noqa: E402
 from utils.errors import OutputError  # noqa: E402
-from utils.files import atomic_open, write_json  # noqa: E402
+from utils.files import atomic_open, check_shared, write_json  # noqa: E402
 from utils.grids import image_grid, labelled_rows, save_png  # noqa: E402
+from utils.preemption import STOPPED_EXIT_CODE, RankVote, SaveClock, StopSignals, exit_stopped  # noqa: E402
+from utils.training.batch_plan import batch_plan  # noqa: E402
 from utils.training.ema import EMA  # noqa: E402
 from utils.training.logging import MetricWindow, log_grid, start_trackers, tracker_name, with_original_names  # noqa: E402
 from utils.training.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -57,6 +60,7 @@ SCRIPT = Script(
     summary="Train reAR (or RAR / plain AR) with accelerate: resumable checkpoints, sample grids, trackers.",
     example="python scripts/train_rear.py config=configs/rear_toy.yaml training.max_train_steps=300",
     sections=("experiment.output_dir", "experiment.tracker", "experiment.init_weight", "experiment.save_every",
+              "experiment.save_every_minutes",
               "model.generator.backbone", "model.generator.perturb_mode", "model.generator.order",
               "model.generator.transition_alignment", "model.vq_model.model_type", "dataset", "training"),
 )
@@ -67,6 +71,7 @@ def main(config, flags=None) -> dict:
     tracker = tracker_name(config)  # a missing tracker package stops the run here, before any work
     accelerator = make_accelerator(config, tracker, config.experiment.logging_dir or os.path.join(out, "logs"))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    plan = batch_plan(t, world)  # a global batch that does not divide among the processes stops here
 
     # Everything is built and loaded before the output folder is made: a bad file or value leaves nothing behind.
     # Same initial weights on every process; data, dropout and noise differ per process from here on.
@@ -102,10 +107,12 @@ def main(config, flags=None) -> dict:
         checkpoint[0] = latest_checkpoint(out, warn=lambda message: print(message, file=sys.stderr))
         prune_checkpoints(out, config.experiment.keep_last_checkpoints)  # a kill between a save and its pruning
     checkpoint = broadcast_object_list(checkpoint)[0]
+    if not accelerator.is_main_process:
+        check_shared(os.path.join(out, "config.yaml"), rank)  # several machines write into one folder
     # The data iterator is made before the random state is set (or restored): making it draws from it.
     state = read_train_state(checkpoint) if checkpoint else {"step": 0, "samples_seen": 0}
     step, samples_seen = state["step"], state["samples_seen"]
-    data = iter(batches(config, dataset, rank, world, samples_seen, step))
+    data = iter(batches(config, dataset, rank, world, samples_seen, step, plan.per_gpu))
     restored = checkpoint is not None and load_checkpoint(
         checkpoint, rank, generator, optimizer, scheduler, ema, accelerator.scaler
     )
@@ -113,76 +120,86 @@ def main(config, flags=None) -> dict:
         set_seed(t.seed + step, device_specific=True)
     if checkpoint is not None:
         accelerator.print(f"resumed from {checkpoint} at step {step} ({samples_seen} samples)")
+        warn_if_global_batch_changed(accelerator, state, plan)
 
     start_trackers(accelerator, config, tracker, out)
     window = MetricWindow(device)
-    describe_run(accelerator, config, dataset, generator)
+    describe_run(accelerator, config, dataset, generator, plan)
     last_step = min(t.max_train_steps, t.stop_steps or t.max_train_steps)
     progress = tqdm(total=last_step, initial=step, disable=not accelerator.is_main_process, desc="train")
-    micro_batch = t.per_gpu_batch_size * world  # samples one micro-step consumes over all processes
     max_grad_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
     window_start = (time.time(), step)
+    vote, clock = RankVote(), SaveClock(config.experiment.save_every_minutes)
 
     def next_batch():
         return batch_tokens(next(data), tokenizer, device, config.model.generator.image_seq_len)
 
-    while step < last_step:
-        grad_norms_due = (step + 1) % config.experiment.log_grad_norm_every == 0
-        terms, lr, parameter_norms = train_step(accelerator, model, objective, next_batch, optimizer, scheduler, step,
-                                                t.gradient_accumulation_steps, max_grad_norm, grad_norms_due)
-        samples_seen += micro_batch * t.gradient_accumulation_steps
-        if ema is not None:
-            ema.update(generator)
-        step += 1
-        window.add(terms, step)
-        progress.update(1)
-        if parameter_norms:
-            accelerator.log(parameter_norms, step=step)
+    with StopSignals() as signals:  # from here a stop signal ends the run after the step in progress, saved
+        while step < last_step:
+            grad_norms_due = (step + 1) % config.experiment.log_grad_norm_every == 0
+            terms, lr, parameter_norms = train_step(accelerator, model, objective, next_batch, optimizer, scheduler,
+                                                    step, plan.accumulation, max_grad_norm, grad_norms_due)
+            samples_seen += plan.global_batch
+            if ema is not None:
+                ema.update(generator)
+            step += 1
+            window.add(terms, step)
+            progress.update(1)
+            if parameter_norms:
+                accelerator.log(parameter_norms, step=step)
 
-        if step % config.experiment.log_every == 0 or step == last_step:
-            metrics = read_metrics(accelerator, window, objective, config, step, samples_seen, lr, dataset)
-            seconds = time.time() - window_start[0]
-            metrics["samples_per_second"] = (step - window_start[1]) * micro_batch * t.gradient_accumulation_steps / seconds
-            metrics["samples_per_second_per_process"] = metrics["samples_per_second"] / world
-            window_start = (time.time(), step)
-            accelerator.log(with_original_names(metrics), step=step)
-            progress.set_postfix(
-                loss=f"{metrics['loss']:.3f}", ce=f"{metrics['ce']:.3f}", enc=f"{metrics['encode_alignment']:.3f}",
-                dec=f"{metrics['decode_alignment']:.3f}", r=f"{metrics['noise_rate']:.2f}",
-                acc=f"{metrics['token_accuracy']:.3f}", lr=f"{lr:.2e}",
-            )
-        if step % config.experiment.generate_every == 0:
-            stop_if_non_finite(accelerator, window)
-            if accelerator.is_main_process:
-                sample_grid(ema.averaged_model(generator) if ema else generator, tokenizer, config, step, accelerator,
-                            tracker)
-        if step % config.experiment.save_every == 0 or step == last_step:
-            stop_if_non_finite(accelerator, window)
-            save(accelerator, config, step, samples_seen, generator, optimizer, scheduler, ema)
-    progress.close()
+            if step % config.experiment.log_every == 0 or step == last_step:
+                metrics = read_metrics(accelerator, window, objective, config, step, samples_seen, lr, dataset)
+                seconds = time.time() - window_start[0]
+                metrics["samples_per_second"] = (step - window_start[1]) * plan.global_batch / seconds
+                metrics["samples_per_second_per_process"] = metrics["samples_per_second"] / world
+                window_start = (time.time(), step)
+                accelerator.log(with_original_names(metrics), step=step)
+                progress.set_postfix(
+                    loss=f"{metrics['loss']:.3f}", ce=f"{metrics['ce']:.3f}", enc=f"{metrics['encode_alignment']:.3f}",
+                    dec=f"{metrics['decode_alignment']:.3f}", r=f"{metrics['noise_rate']:.2f}",
+                    acc=f"{metrics['token_accuracy']:.3f}", lr=f"{lr:.2e}",
+                )
+            if step % config.experiment.generate_every == 0:
+                stop_if_non_finite(accelerator, window)
+                if accelerator.is_main_process:
+                    sample_grid(ema.averaged_model(generator) if ema else generator, tokenizer, config, step,
+                                accelerator, tracker)
+            by_time, stop = vote.any((clock.due, signals.requested))  # every process decides alike
+            if step % config.experiment.save_every == 0 or step == last_step or by_time or stop:
+                stop_if_non_finite(accelerator, window)
+                saved = save(accelerator, config, step, samples_seen, plan, generator, optimizer, scheduler, ema)
+                clock.reset()
+            if stop and step < last_step:  # (at the last step the final outputs are written, and the run is done)
+                progress.close()
+                accelerator.wait_for_everyone()  # all processes leave together, once the pruning is done
+                accelerator.end_training()
+                exit_stopped(f"stopped by {signals.received or 'a stop signal to another process'} after step "
+                             f"{step}, saved in {saved}: run the same command to continue (exit code "
+                             f"{STOPPED_EXIT_CODE})", accelerator.is_main_process)
+        progress.close()
 
-    summary = {"step": step, "samples_seen": samples_seen}
-    if accelerator.is_main_process:
-        final = ema.model_state_dict(generator) if ema is not None else generator.state_dict()
-        save_weights(os.path.join(out, "generator.safetensors"), final)
-        if toy:
-            summary.update(finish_toy(ema.averaged_model(generator) if ema else generator, tokenizer, config))
-        write_json(os.path.join(out, "summary.json"), summary)
+        summary = {"step": step, "samples_seen": samples_seen}
+        if accelerator.is_main_process:
+            final = ema.model_state_dict(generator) if ema is not None else generator.state_dict()
+            save_weights(os.path.join(out, "generator.safetensors"), final)
+            if toy:
+                summary.update(finish_toy(ema.averaged_model(generator) if ema else generator, tokenizer, config))
+            write_json(os.path.join(out, "summary.json"), summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
-def describe_run(accelerator, config, dataset, generator) -> None:
+def describe_run(accelerator, config, dataset, generator, plan) -> None:
     t, g = config.training, config.model.generator
-    global_batch = t.per_gpu_batch_size * accelerator.num_processes * t.gradient_accumulation_steps
     method = [f"noisy context ({g.perturb_mode})" if g.perturb_mode != "none" else "",
               "alignment (" + "+".join(h.split("_")[0] for h in generator.alignment_heads) + ")"
               if generator.alignment_heads else "", "RAR order" if g.order == "random" else ""]
     accelerator.print(
         f"training {g.backbone}: {generator.num_parameters() / 1e6:.1f}M parameters, "
-        f"{', '.join(m for m in method if m) or 'plain AR'}; {accelerator.num_processes} processes on "
-        f"{accelerator.device.type}, global batch {global_batch}, {t.max_train_steps} steps, precision "
+        f"{', '.join(m for m in method if m) or 'plain AR'} on {accelerator.device.type}: {plan.describe()}, "
+        f"{t.max_train_steps} steps, precision "
         f"{t.mixed_precision}. The loss is CE + {g.transition_alignment_weight} x (encode + decode alignment), "
         "each alignment term a mean of -cos, so it can be negative."
     )
@@ -193,6 +210,15 @@ def describe_run(accelerator, config, dataset, generator) -> None:
             f"{config.experiment.max_train_examples} samples, so one pass over the data is {passes:g} epochs "
             "(ten-crop pre-tokenized ImageNet: 10 epochs a pass)"
         )
+
+
+def warn_if_global_batch_changed(accelerator, state: dict, plan) -> None:
+    """The schedules count optimizer steps: a resume with another global batch (e.g. twice the GPUs without
+    training.global_batch_size) trains on a different recipe from there on, so it is said."""
+    saved = state.get("global_batch", plan.global_batch)
+    if saved != plan.global_batch and accelerator.is_main_process:
+        print(f"warning: the checkpoint was trained at global batch {saved}, this run's is {plan.global_batch} "
+              f"({plan.describe()}); set training.global_batch_size={saved} to keep it", file=sys.stderr)
 
 
 def read_metrics(accelerator, window, objective, config, step, samples_seen, lr, dataset) -> dict:
@@ -218,16 +244,19 @@ def stop_if_non_finite(accelerator, window) -> None:
         )
 
 
-def save(accelerator, config, step, samples_seen, generator, optimizer, scheduler, ema) -> None:
+def save(accelerator, config, step, samples_seen, plan, generator, optimizer, scheduler, ema) -> str:
     out = config.experiment.output_dir
 
     def write_shared(directory):
         write_training_state(directory, generator, optimizer, scheduler, ema, accelerator.scaler)
 
-    train_state = {"samples_seen": samples_seen, "world_size": accelerator.num_processes}
-    save_checkpoint(out, step, train_state, write_shared, accelerator.wait_for_everyone, accelerator.process_index)
+    train_state = {"samples_seen": samples_seen, "world_size": accelerator.num_processes,
+                   "global_batch": plan.global_batch}
+    saved = save_checkpoint(out, step, train_state, write_shared, accelerator.wait_for_everyone,
+                            accelerator.process_index)
     if accelerator.is_main_process:
         prune_checkpoints(out, config.experiment.keep_last_checkpoints)
+    return saved
 
 
 def grid_classes(num_classes: int, count: int) -> torch.Tensor:

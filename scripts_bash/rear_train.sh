@@ -9,20 +9,8 @@
 # A run started again with the same OUTPUT_DIR resumes from its newest checkpoint.
 set -euo pipefail
 
-CONFIG=${CONFIG:-configs/rear_s.yaml}
-OUTPUT_DIR=${OUTPUT_DIR:-}
-TRACKER=${TRACKER:-}
-OVERRIDES=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --config) CONFIG=$2; shift 2 ;;
-    --output_dir) OUTPUT_DIR=$2; shift 2 ;;
-    --tracker) TRACKER=$2; shift 2 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
-    *) OVERRIDES+=("$1"); shift ;;
-  esac
-done
-OUTPUT_DIR=${OUTPUT_DIR:-runs/$(basename "$CONFIG" .yaml)}
+usage() { sed -n '2,10p' "$0"; }
+source "$(dirname "${BASH_SOURCE[0]}")/train_options.sh"
 
 NUM_GPUS=${NUM_GPUS:-8}
 NUM_MACHINES=${NUM_MACHINES:-1}
@@ -31,8 +19,6 @@ MAIN_ADDR=${MAIN_ADDR:-127.0.0.1}
 MAIN_PORT=${MAIN_PORT:-29500}
 
 cd "$(dirname "$0")/.."
-ARGS=("config=$CONFIG" "experiment.output_dir=$OUTPUT_DIR")
-if [[ -n "$TRACKER" ]]; then ARGS+=("experiment.tracker=$TRACKER"); fi
 
 PROCESSES=$((NUM_GPUS * NUM_MACHINES))
 MULTI=()
@@ -45,4 +31,4 @@ exec accelerate launch \
   --machine_rank "$MACHINE_RANK" \
   --main_process_ip "$MAIN_ADDR" \
   --main_process_port "$MAIN_PORT" \
-  scripts/train_rear.py "${ARGS[@]}" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
+  scripts/train_rear.py "${TRAIN_ARGS[@]}"

@@ -2,8 +2,10 @@ import json
 import os
 from pathlib import Path
 
-# Spinning OpenMP waiters make small CPU ops 10-50x slower when anything else shares the cores; set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from utils.threads import use_thread_defaults  # noqa: E402
+
+use_thread_defaults()  # as every entry point does, before torch loads
+
 # Tests never reach the network: a missing released file fails at once instead of after the Hub client's retries.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -89,15 +91,18 @@ def server():
     server.close()
 
 
-# Markers: `slow` tests run by default (the whole suite stays within CI's 10 minutes); `cuda` tests need a GPU and
-# `campaign` tests are the long fault campaigns: both are deselected unless asked for with -m (e.g. -m cuda).
-OPT_IN_MARKERS = ("cuda", "campaign")
+# Markers: `slow` tests run by default (the whole suite stays within CI's 10 minutes); `cuda` tests need a GPU,
+# `campaign` tests are the long fault campaigns and `cluster` tests launch several processes or simulated nodes with
+# torchrun / accelerate: all three are deselected unless asked for with -m (e.g. -m cuda).
+OPT_IN_MARKERS = ("cuda", "campaign", "cluster")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores (still run by default)")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; run with `python -m pytest -m cuda tests`")
     config.addinivalue_line("markers", "campaign: a long fault campaign; run with `python -m pytest -m campaign tests`")
+    config.addinivalue_line("markers", "cluster: several processes or simulated nodes under torchrun / accelerate "
+                            "launch (gloo on CPUs); run with `python -m pytest -m cluster tests`")
 
 
 def pytest_collection_modifyitems(config, items):

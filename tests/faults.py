@@ -14,6 +14,11 @@ A fault is a dict:
             bug      RuntimeError raised instead of the call (a bug of ours)
             replace  every call answered by the function `with` names ("module:attribute") instead: a stand-in
                      for a slow computation the campaign does not test (`match` and `nth` do not apply)
+            signal   the process sends `signal` (a name, default "SIGTERM") to itself, with "to": "launcher" to its
+                     parent (torchrun, which passes it on to every process), or with "to": "group" from another
+                     process to its whole process group (data loader workers included, as a cluster signals every
+                     process of a job), then makes the call (a stop signal arriving at that point; the run goes on)
+    rank    only in the process of this RANK (under torchrun; default: every process)
 or {"fsize_limit": bytes}: a real limit on the size of any file the process writes (writes past it fail with
 EFBIG, "File too large", as on a full disk).
 """
@@ -26,11 +31,15 @@ import os
 import re
 import resource
 import signal
+import subprocess
+from functools import partial
 from typing import Callable, Dict, Sequence
 
 
 def install(faults: Sequence[Dict]) -> None:
     for fault in faults:
+        if "rank" in fault and fault["rank"] != int(os.environ.get("RANK", 0)):
+            continue
         if "fsize_limit" in fault:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
             resource.setrlimit(resource.RLIMIT_FSIZE, (fault["fsize_limit"], resource.RLIM_INFINITY))
@@ -47,7 +56,11 @@ def _wrapped(original: Callable, fault: Dict) -> Callable:
     if fault["action"] == "replace":
         module_name, attribute = fault["with"].split(":")
         return getattr(importlib.import_module(module_name), attribute)
-    pattern, nth, action = re.compile(fault.get("match", "")), fault.get("nth", 1), ACTIONS[fault["action"]]
+    pattern, nth = re.compile(fault.get("match", "")), fault.get("nth", 1)
+    if fault["action"] == "signal":
+        action = partial(_signal, getattr(signal, fault.get("signal", "SIGTERM")), fault.get("to", "self"))
+    else:
+        action = ACTIONS[fault["action"]]
     seen = 0
 
     def wrapper(*args, **kwargs):
@@ -113,6 +126,14 @@ def _enospc(original, args, kwargs):
 
 def _bug(original, args, kwargs):
     raise RuntimeError("injected bug")
+
+
+def _signal(sig, to, original, args, kwargs):
+    if to == "group":  # sent by `kill`, not by this process (which its data loader workers obey)
+        subprocess.run(["kill", f"-{sig.name}", "--", f"-{os.getpgrp()}"])
+    else:
+        os.kill(os.getppid() if to == "launcher" else os.getpid(), sig)
+    return original(*args, **kwargs)
 
 
 def _cut_to_half(path: str) -> None:

@@ -35,7 +35,9 @@ class Result:
 
 class ScriptServer:
     def __init__(self):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        from utils.threads import THREAD_DEFAULTS
+
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **THREAD_DEFAULTS}
         env.pop("REAR_DEBUG", None)
         self.process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         env=env, cwd=ROOT, text=True)

@@ -89,7 +89,8 @@ def test_config_trains_two_steps_and_samples(name, tiny_tokenizers, tmp_path):
     out = tmp_path / "run"
     argv = [*tiny_overrides(name, tiny_tokenizers, tmp_path), f"experiment.output_dir={out}",
             "experiment.tracker=none", "experiment.resume=True", "training.max_train_steps=2",
-            "training.per_gpu_batch_size=2", "training.gradient_accumulation_steps=1", "training.mixed_precision='no'",
+            "training.per_gpu_batch_size=2", "training.gradient_accumulation_steps=1", "training.global_batch_size=null",
+            "training.mixed_precision='no'",
             "lr_scheduler.params.warmup_steps=1", "experiment.generate_every=2", "experiment.log_every=1"]
     config = config_from_cli(argv)
     with one_thread():

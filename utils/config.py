@@ -52,6 +52,9 @@ class ExperimentConfig:
     )
     max_train_examples: int = option(1_281_167, "samples per 'epoch' in the logs (ImageNet's training set)")
     save_every: int = option(50_000, "checkpoint every N optimizer steps")
+    save_every_minutes: Optional[float] = option(
+        None, "also checkpoint once this many minutes have passed since the last save, whichever comes first "
+        "(a job with a wall-time cap always has a recent checkpoint); null: by steps only")
     eval_every: int = option(50_000, UNUSED + " (evaluation is `python -m evaluator`)")
     generate_every: int = option(5_000, "sample grid every N steps")
     log_every: int = option(50, "log metrics every N steps")
@@ -253,7 +256,11 @@ class LRSchedulerConfig:
 @dataclass
 class TrainingConfig:
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
-    per_gpu_batch_size: int = option(256, "micro-batch size per process")
+    per_gpu_batch_size: int = option(256, "micro-batch size per process (with global_batch_size: the largest one)")
+    global_batch_size: Optional[int] = option(
+        None, "samples per optimizer step over all processes (DiT's --global-batch-size): when set, each process "
+        "takes global / processes, in the fewest micro-batches of at most per_gpu_batch_size "
+        "(gradient_accumulation_steps is derived); null: processes x per_gpu_batch_size x gradient_accumulation_steps")
     # fp16 is left out: its loss scaler skips steps with infinite gradients, which the non-finite stop halts on.
     mixed_precision: Literal["bf16", "no"] = option("bf16", "bf16 autocast or no (fp32)")
     enable_tf32: bool = option(True, "TF32 matmuls on CUDA")
@@ -477,6 +484,10 @@ def check(config: DictConfig, source: str = "the config") -> DictConfig:
             f"'optimizer.params.learning_rate' ({config.optimizer.params.learning_rate}); "
             "set one from the other: ${optimizer.params.learning_rate}"
         )
+    if config.training.global_batch_size is not None and config.training.global_batch_size < 1:
+        problems.append(f"'training.global_batch_size' is {config.training.global_batch_size} (must be at least 1)")
+    if config.experiment.save_every_minutes is not None and not config.experiment.save_every_minutes > 0:
+        problems.append(f"'experiment.save_every_minutes' is {config.experiment.save_every_minutes} (must be positive)")
     if s.top_k is not None and s.top_k < 1:
         problems.append(f"'sampling.top_k' is {s.top_k} (must be at least 1)")
     if s.top_p is not None and not 0.0 < s.top_p <= 1.0:

@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import shutil
+import socket
 from contextlib import contextmanager
 from typing import IO, Any, Iterator
 
@@ -109,5 +110,13 @@ def remove_temporaries_of(path: str) -> int:
     return len(leftovers)
 
 
-__all__ = ["atomic_open", "atomic_path", "changed_settings", "is_disk_full", "read_record", "remove_temporaries",
+def check_shared(path: str, rank: int) -> None:
+    """`path`, which process 0 has just written, must be visible to process `rank`: on several machines every process
+    writes into one output folder, which must be on a file system they all share."""
+    if not os.path.exists(path):
+        raise OutputError(f"process {rank} on {socket.gethostname()} does not see {path}, which process 0 wrote: the "
+                          "output folder must be on a file system that every machine shares")
+
+
+__all__ = ["atomic_open", "check_shared", "atomic_path", "changed_settings", "is_disk_full", "read_record", "remove_temporaries",
            "remove_temporaries_of", "temporary_name", "write_json"]

@@ -8,7 +8,10 @@
 
 Token data is read in a resumable order: the global stream of samples visits a seeded permutation of the data
 set per pass, and a run at position p (samples consumed so far, saved in the checkpoint) continues from p. Each
-optimizer step takes the next global batch of the stream; process r reads its r-th slice of it.
+micro-step takes the next processes x per-GPU samples of the stream; process r reads its r-th slice of them. An
+optimizer step therefore trains on the same samples however its global batch is split into processes, micro-batches
+and accumulation steps, and a run resumed on another number of processes with the same global batch
+(`training.global_batch_size`) continues the same stream from the same position.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from utils.data.images import decode_problem, load_rgb, training_transform
 from utils.data.pretokenized import TokenDataset, open_pretokenized
 from utils.data.toy import encode_images, toy_images
 from utils.errors import DataError
+from utils.preemption import keep_worker_through_stop_signals
 
 
 class ResumableSampler:
@@ -63,10 +67,12 @@ def keep_batch(batch):
     return batch
 
 
-def token_loader(dataset: TokenDataset, config, rank: int, world_size: int, start: int) -> DataLoader:
+def token_loader(dataset: TokenDataset, config, rank: int, world_size: int, start: int,
+                 batch_size: Optional[int] = None) -> DataLoader:
+    """Batches of `batch_size` (default training.per_gpu_batch_size) from stream position `start`."""
     params = config.dataset.params
     sampler = ResumableSampler(
-        len(dataset), config.training.per_gpu_batch_size, rank, world_size, config.training.seed, start
+        len(dataset), batch_size or config.training.per_gpu_batch_size, rank, world_size, config.training.seed, start
     )
     workers = params.num_workers_per_gpu
     return DataLoader(
@@ -76,6 +82,7 @@ def token_loader(dataset: TokenDataset, config, rank: int, world_size: int, star
         num_workers=workers,
         pin_memory=params.pin_memory and torch.cuda.is_available(),
         persistent_workers=params.persistent_workers and workers > 0,
+        worker_init_fn=keep_worker_through_stop_signals,
     )
 
 
@@ -132,7 +139,7 @@ def decodable(samples: Iterator[Optional[Tuple]]) -> Iterator[Tuple]:
     return (sample for sample in samples if sample is not None)
 
 
-def shard_loader(config, step: int, rank: int = 0) -> DataLoader:
+def shard_loader(config, step: int, rank: int = 0, batch_size: Optional[int] = None) -> DataLoader:
     """An endless stream of image batches from the shards, resampled per worker and process.
 
     Streaming shards cannot seek, so a resumed run is not a replay: its stream is seeded with the step it resumes
@@ -149,7 +156,7 @@ def shard_loader(config, step: int, rank: int = 0) -> DataLoader:
         wds.shuffle(params.shuffle_buffer_size, seed=seed),
         wds.map(DecodeSample(training_transform(pre), config.model.generator.condition_num_classes)),
         decodable,
-        wds.batched(config.training.per_gpu_batch_size, partial=False),
+        wds.batched(batch_size or config.training.per_gpu_batch_size, partial=False),
     )
     workers = params.num_workers_per_gpu
     return DataLoader(
@@ -159,6 +166,7 @@ def shard_loader(config, step: int, rank: int = 0) -> DataLoader:
         pin_memory=params.pin_memory and torch.cuda.is_available(),
         persistent_workers=params.persistent_workers and workers > 0,
         generator=torch.Generator().manual_seed(seed * 1_000_003 + rank),
+        worker_init_fn=keep_worker_through_stop_signals,
     )
 
 
@@ -191,11 +199,13 @@ def training_dataset(config, tokenizer) -> TokenDataset | None:
     return dataset
 
 
-def batches(config, dataset: TokenDataset | None, rank: int, world_size: int, samples_seen: int, step: int):
-    """Endless iterator of batches ({"tokens" or "images", "class_ids"}) from the data position of the run."""
+def batches(config, dataset: TokenDataset | None, rank: int, world_size: int, samples_seen: int, step: int,
+            batch_size: Optional[int] = None):
+    """Endless iterator of batches ({"tokens" or "images", "class_ids"}) of `batch_size` samples (default
+    training.per_gpu_batch_size) from the data position of the run."""
     loader = (
-        shard_loader(config, step, rank)
+        shard_loader(config, step, rank, batch_size)
         if dataset is None
-        else token_loader(dataset, config, rank, world_size, samples_seen)
+        else token_loader(dataset, config, rank, world_size, samples_seen, batch_size)
     )
     return map(as_batch, loader)

@@ -6,11 +6,14 @@ samples). Batch b is made by rank b % world_size and seeded with `batch_seed(see
 seed and the batch size, not on the number of processes. Each batch is saved as its own shard (`.npz`: the images,
 their tokens and labels) the moment it is made; a rerun skips the shards that exist, and `DIR.npz` is streamed
 from the shards: `arr_0` uint8 (N, H, W, 3) as the ADM evaluator reads it, plus `tokens` (N, L) and `labels` (N,).
+A stop signal ends the run after the batch in progress, with its shard (see `make_shards`). With several machines,
+the folder is on a file system they all share: every rank writes its shards there, and rank 0 streams the .npz.
 """
 
 from __future__ import annotations
 
 import glob
+import math
 import os
 import shutil
 import zipfile
@@ -150,27 +153,38 @@ def make_shards(
     world_size: int = 1,
     device: torch.device = torch.device("cpu"),
     save_png: bool = False,
-) -> int:
-    """Sample this rank's batches that have no shard yet; returns how many it made. `sample_batch(class_ids)` gives
-    uint8 images (B, H, W, 3) and their tokens (B, L), drawn from the global torch random state."""
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> bool:
+    """Sample this rank's batches that have no shard yet. `sample_batch(class_ids)` gives uint8 images (B, H, W, 3)
+    and their tokens (B, L), drawn from the global torch random state.
+
+    The batches go in rounds of one per rank; after each round every rank asks `stop_requested()` (equally often on
+    every rank, so it may be a collective vote), and True ends the run there, its shards kept. Returns True when every
+    batch of this rank has its shard, False when stopped."""
     labels = class_labels(num_samples, num_classes)
     bounds = batch_bounds(num_samples, batch_size)
     mine = batches_of_rank(len(bounds), rank, world_size)
-    todo = [b for b in mine if not os.path.isfile(shard_path(sample_dir, b))]
+    todo = {b for b in mine if not os.path.isfile(shard_path(sample_dir, b))}
     rows = {b: bounds[b][1] - bounds[b][0] for b in mine}
     bar = tqdm(total=sum(rows.values()), initial=sum(rows.values()) - sum(rows[b] for b in todo), unit="img",
                desc=f"sampling, rank 0 of {world_size}", disable=rank != 0)
-    for b in todo:
-        start, end = bounds[b]
-        torch.manual_seed(batch_seed(seed, b))
-        images, tokens = sample_batch(torch.from_numpy(labels[start:end]).to(device))
-        if save_png:  # before the shard: a batch with a shard has all its PNGs
-            for index, image in enumerate(images, start):
-                grids.save_png(image, os.path.join(sample_dir, f"{index:06d}.png"))
-        save_shard(shard_path(sample_dir, b), {"arr_0": images, "tokens": tokens, "labels": labels[start:end]})
-        bar.update(end - start)
+    rounds = math.ceil(len(bounds) / world_size)
+    for round_index in range(rounds):
+        b = round_index * world_size + rank
+        if b in todo:
+            start, end = bounds[b]
+            torch.manual_seed(batch_seed(seed, b))
+            images, tokens = sample_batch(torch.from_numpy(labels[start:end]).to(device))
+            if save_png:  # before the shard: a batch with a shard has all its PNGs
+                for index, image in enumerate(images, start):
+                    grids.save_png(image, os.path.join(sample_dir, f"{index:06d}.png"))
+            save_shard(shard_path(sample_dir, b), {"arr_0": images, "tokens": tokens, "labels": labels[start:end]})
+            bar.update(end - start)
+        if stop_requested():
+            bar.close()
+            return round_index == rounds - 1
     bar.close()
-    return len(todo)
+    return True
 
 
 def merge_shards(sample_dir: str, num_samples: int, batch_size: int) -> Dict[str, Tuple[int, ...]]:
