@@ -24,11 +24,13 @@ import tempfile
 import time
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a clone, uninstalled
+from utils.threads import use_thread_defaults  # noqa: E402
 
+use_thread_defaults()  # before torch loads
+
+import numpy as np  # noqa: E402
 from modeling.sampler import GUIDANCE_SCHEDULES, SamplingOptions, why_not_fast  # noqa: E402
 from scripts.demo import apply_flags, chosen_classes, draw, load_models, model_flags, set_sampling  # noqa: E402
 from utils.cli import Script, one_line, run  # noqa: E402
