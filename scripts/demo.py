@@ -2,6 +2,7 @@
 
     python scripts/demo.py --model reAR-S --classes 1 7 282 --out grid.png
     python scripts/demo.py config=configs/ar_b_alitok.yaml --generator alitok_b.bin --tokenizer AliTok.pth
+    python scripts/demo.py config=runs/rear_toy/config.yaml      # a run of yours: its config names its weights
 
 Fetches the generator (Hugging Face Hub qyoo/reAR) and the MaskGIT-VQGAN tokenizer (fun-research/TiTok), or
 reads local copies given with --generator PATH --tokenizer PATH. With `config=FILE` (any backbone) the weights are
@@ -22,19 +23,22 @@ sys.path.insert(0, ROOT)  # run from a clone, uninstalled
 
 from modeling import build_tokenizer, load_generator  # noqa: E402
 from modeling.sampler import SamplingOptions, sample_images  # noqa: E402
-from modeling.tokenizers import RELEASED_WEIGHTS, decoded_to_uint8  # noqa: E402
+from modeling.tokenizers import decoded_to_uint8, tokenizer_weights  # noqa: E402
 from utils.cli import Script, flag_parser, positive_int, run, torch_device  # noqa: E402
-from utils.config import canonical_choice, check  # noqa: E402
+from utils.config import check  # noqa: E402
 from utils.errors import MissingWeightsError, UsageError  # noqa: E402
 from utils.grids import class_caption, labelled_grid, save_png  # noqa: E402
 from utils.weights import GENERATOR_FILENAMES, TOKENIZER_FILENAME, is_model_folder, resolve_weights  # noqa: E402
 
 CONFIGS = {"reAR-S": "configs/rear_s.yaml", "reAR-B": "configs/rear_b.yaml", "reAR-L": "configs/rear_l.yaml"}
+IMAGENET_CLASSES = [1, 7, 282, 604, 724, 179, 751, 404, 850]  # the default grid of a 1000-class model
+OTHER_CLASSES = 16  # the default grid of another model: its first classes, up to this many
 
 FLAGS = flag_parser()
 FLAGS.add_argument("--model", choices=sorted(CONFIGS), default="reAR-S", help="released model (default reAR-S)")
-FLAGS.add_argument("--classes", type=int, nargs="+", default=[1, 7, 282, 604, 724, 179, 751, 404, 850],
-                   help="ImageNet class ids, one image each")
+FLAGS.add_argument("--classes", type=int, nargs="+", default=None,
+                   help=f"class ids, one image each (default: {' '.join(map(str, IMAGENET_CLASSES))} for ImageNet; "
+                        f"else the first {OTHER_CLASSES} classes)")
 FLAGS.add_argument("--out", default="grid.png", help="the grid's PNG file")
 FLAGS.add_argument("--generator", help="local generator weights (default: the released file of --model)")
 FLAGS.add_argument("--tokenizer", help=f"local tokenizer weights, or a folder / Hub repo with config.json "
@@ -81,6 +85,8 @@ def fetch_weights(generator: str, tokenizer: str) -> tuple[str, str]:
 
 def main(config, flags) -> None:
     num_classes = config.model.generator.condition_num_classes
+    if flags.classes is None:
+        flags.classes = IMAGENET_CLASSES if num_classes == 1000 else list(range(min(num_classes, OTHER_CLASSES)))
     bad = [c for c in flags.classes if not 0 <= c < num_classes]
     if bad:
         raise UsageError(f"--classes: {bad[0]} is not a class id of this model (0..{num_classes - 1})")
@@ -94,12 +100,10 @@ def main(config, flags) -> None:
         if getattr(flags, key) is not None:
             config.sampling[key] = getattr(flags, key)
     check(config, "the command line")  # the flags' values, as every other value
-    vq = config.model.vq_model
-    tokenizer = (flags.tokenizer or config.experiment.tokenizer_checkpoint or vq.pretrained_tokenizer_weight
-                 or RELEASED_WEIGHTS.get(canonical_choice(config, "model.vq_model.model_type")))
+    tokenizer = flags.tokenizer or tokenizer_weights(config)
     if tokenizer is None:
-        raise UsageError(f"this config's {vq.model_type} tokenizer has no weights named: pass --tokenizer PATH "
-                         "(or experiment.tokenizer_checkpoint=PATH)")
+        raise UsageError(f"this config's {config.model.vq_model.model_type} tokenizer has no weights named: pass "
+                         "--tokenizer PATH (or experiment.tokenizer_checkpoint=PATH)")
     generator_path, tokenizer_path = fetch_weights(generator, tokenizer)
     config.experiment.tokenizer_checkpoint = tokenizer_path
     device = torch.device(flags.device)

@@ -1,8 +1,9 @@
 """Sample class-balanced images for FID: `experiment.output_dir=DIR` → `DIR.npz` (`arr_0` uint8 (N, H, W, 3), plus the
-sampled `tokens` and `labels`).
+sampled `tokens` and `labels`); a training run's folder → `RUN/eval_samples.npz`.
 
     torchrun --nproc_per_node=8 scripts/sample_imagenet_rear.py config=configs/rear_s.yaml \\
         experiment.generator_checkpoint=reAR-S.safetensors experiment.output_dir=runs/samples/rear_s
+    python scripts/sample_imagenet_rear.py config=runs/rear_toy/config.yaml sampling.num_samples=1000
 
 Also runs as a plain `python` process. `sampling.*` sets the size, seed, guidance and precision. The images are
 fixed by `sampling.seed` and `sampling.per_proc_batch_size` whatever the number of processes; an interrupted run
@@ -27,13 +28,15 @@ from modeling.tokenizers import decoded_to_uint8  # noqa: E402
 from utils.cli import Script, run  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
 from utils.fid_samples.run import class_labels, make_shards, merge_shards, npz_path, prepare_sample_dir  # noqa: E402
+from utils.training.run_record import samples_folder  # noqa: E402
 from utils.weights import describe_file  # noqa: E402
 
 SCRIPT = Script(
     usage="torchrun --nproc_per_node=K scripts/sample_imagenet_rear.py config=FILE.yaml "
           "experiment.generator_checkpoint=W experiment.output_dir=DIR [key.sub=value ...]   (or plain python)",
     summary="Sample class-balanced images for FID into DIR.npz (arr_0 as the ADM evaluator reads it, plus tokens "
-            "and labels): resumable, and the same bytes for any number of processes.",
+            "and labels): resumable, and the same bytes for any number of processes. With a training run's "
+            "config (config=RUN/config.yaml names its weights and folder) the samples go to RUN/eval_samples.npz.",
     example="python scripts/sample_imagenet_rear.py config=configs/rear_s.yaml "
             "experiment.generator_checkpoint=reAR-S.safetensors experiment.output_dir=runs/samples/rear_s",
     sections=("experiment.generator_checkpoint", "experiment.tokenizer_checkpoint", "experiment.output_dir",
@@ -105,7 +108,7 @@ def settings_of(config, options: SamplingOptions, device: torch.device) -> dict:
 
 
 def main(config, flags=None) -> None:
-    s, sample_dir = config.sampling, config.experiment.output_dir
+    s, sample_dir = config.sampling, samples_folder(config.experiment.output_dir)
     if not config.experiment.generator_checkpoint:
         raise UsageError("set experiment.generator_checkpoint=PATH (a local file or a released name, "
                          "e.g. reAR-S.safetensors)")
