@@ -10,7 +10,9 @@ written once against this small interface:
 - `new_caches(rows)` and `next_token_logits(prefix, class_ids, caches)`: the logits of the token after `prefix`;
   with caches only the newest position runs (the first call runs the class / prefix positions);
 - the attributes `codebook_size`, `num_classes`, `image_seq_len`, `null_class`, `hidden_size` (set by
-  `Generator.__init__`), and `check_ids` (a default here).
+  `Generator.__init__`), and `check_ids` (a default here);
+- `has_mask_token`: whether its input embedding has a row for the mask token V, which `perturb_mode: mask` feeds
+  it (a config that asks for it on a backbone without one is refused at start-up).
 What the originals' samplers do differently is data or a small override here: `guidance_schedule` (a name in
 `modeling.sampler.GUIDANCE_SCHEDULES`), `uses_guidance` (which scales run the null-class rows), `guidance_scale_at`
 (the scale of token t, or None for the conditional logits alone) and `start_sampling` (random draws the original
@@ -50,6 +52,7 @@ class Generator(nn.Module):
 
     prefix_len: int = 1
     supports_orders: bool = False  # RAR's randomized order
+    has_mask_token: bool = False  # its token table embeds the mask token V (noisy context's `mask` mode)
     has_fast_sampler: bool = False
     draws_before_sampling: bool = False  # see start_sampling
     guidance_schedule: str = "cosine_power"

@@ -3,7 +3,7 @@
 set -euo pipefail
 
 usage() {
-  cat >&2 <<USAGE
+  cat <<USAGE
 usage: $0 CONFIG CHECKPOINT NUM_GPUS REF_BATCH [key=value ...]
 
   CONFIG      generator config, e.g. configs/rear_s.yaml
@@ -17,10 +17,10 @@ usage: $0 CONFIG CHECKPOINT NUM_GPUS REF_BATCH [key=value ...]
 example:
   $0 configs/rear_s.yaml reAR-S.safetensors 8 VIRTUAL_imagenet256_labeled.npz
 USAGE
-  exit 2
 }
 
-[[ $# -ge 4 ]] || usage
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then usage; exit 0; fi
+[[ $# -ge 4 ]] || { usage >&2; exit 2; }
 config=$1 checkpoint=$2 num_gpus=$3 ref_batch=$4
 shift 4
 output_dir=${OUTPUT_DIR:-runs/samples/$(basename "$config" .yaml)}

@@ -115,6 +115,7 @@ class AliTokAR(Generator):
     `alitok_{b,l,xl}.bin` (plain state dicts)."""
 
     prefix_len = 1  # position 1+i reads tok_i: the class token comes first
+    has_mask_token = True  # row V of `embeddings`, unused by the original
     draws_before_sampling = True  # its sampler is RAR's
 
     def __init__(self, config):
