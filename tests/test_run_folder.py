@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from script_runner import ROOT
 from utils.config import MODEL_SETTINGS, RESUMABLE_SETTINGS, load_config, paths_for_folder, schema_fields
 
 TRAIN = ["scripts/train_rear.py", "config=configs/rear_toy.yaml", "model.generator.hidden_size=32",

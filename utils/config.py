@@ -161,7 +161,7 @@ class GeneratorConfig:
     decode_align_layer_idx: int = option(15, "block whose output the decode head reads")
     projection_dim: int = option(2048, "hidden width of the alignment heads")
     z_dim: Optional[int] = option(None, "alignment heads' output width (default: model.vq_model.token_size)")
-    # guidance as the backbone's original sampler does it (modeling.sampler.generate)
+    # guidance as the backbone's original sampler does it (modeling.generator.Generator.generate)
     guidance_schedule: Optional[str] = option(
         None, "cosine_power (RAR, AliTok) | constant | linear | linear_re | triangular | rectangular | step "
         "(GigaTok, ReTok); default: the backbone's own (rar, alitok_ar: cosine_power; gpt1d: constant)")
