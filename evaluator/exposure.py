@@ -152,7 +152,7 @@ def figure_of(results: dict):
     rates = np.asarray(results["rates"])
     for name in SUMMARIES:
         values = [e["accuracy"][name] for e in by_rate]
-        label = f"{name} (slope {results['slopes']['accuracy'][name]:.3f})"
+        label = f"{name.replace('_', ' ')} (slope {results['slopes']['accuracy'][name]:.3f})"
         trend.plot(rates, values, marker="o", linewidth=1.2, label=label)
     trend.set_xlabel("context corruption rate")
     trend.set_ylabel("token accuracy")

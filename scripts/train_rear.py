@@ -203,8 +203,9 @@ def describe_run(accelerator, config, dataset, generator) -> None:
     heads = [name.split("_")[0] for name in generator.alignment_heads]  # encode, decode: the ones built
     method = [f"noisy context ({g.perturb_mode})" if g.perturb_mode != "none" else "",
               f"alignment ({' + '.join(heads)})" if heads else "", "RAR order" if g.order == "random" else ""]
-    steps = (f"{plural(t.max_train_steps, 'step')}" if not t.stop_steps or t.stop_steps >= t.max_train_steps
+    steps = (plural(t.max_train_steps, "step") if not t.stop_steps or t.stop_steps >= t.max_train_steps
              else f"stopping at step {t.stop_steps} of a {t.max_train_steps}-step schedule")
+    processes = plural(accelerator.num_processes, "process", "processes")
     precision = "bf16 autocast" if t.mixed_precision == "bf16" else "fp32"
     loss = "The loss is the cross-entropy (CE)."
     if heads:
@@ -214,8 +215,8 @@ def describe_run(accelerator, config, dataset, generator) -> None:
                 "negative.")
     accelerator.print(
         f"training {g.backbone}: {generator.num_parameters() / 1e6:.1f}M parameters, "
-        f"{', '.join(m for m in method if m) or 'plain AR'}; {plural(accelerator.num_processes, 'process', 'processes')} "
-        f"on {accelerator.device.type}, global batch {global_batch}, {steps}, {precision}. {loss}"
+        f"{', '.join(m for m in method if m) or 'plain AR'}; {processes} on {accelerator.device.type}, "
+        f"global batch {global_batch}, {steps}, {precision}. {loss}"
     )
     if dataset is not None:
         passes = len(dataset) / config.experiment.max_train_examples

@@ -102,7 +102,8 @@ def test_what_may_change_on_a_resume_is_taken_and_recorded(server, finished, tmp
     assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-00000006"]
 
     before = tree(out)
-    shorter = server.run([*TRAIN, f"experiment.output_dir={out}", "training.max_train_steps=6", "training.stop_steps=5"])
+    shorter = server.run([*TRAIN, f"experiment.output_dir={out}", "training.max_train_steps=6",
+                          "training.stop_steps=5"])
     assert shorter.returncode == 1 and shorter.stderr == (
         f"error: {out} holds a run at step 6, past training.stop_steps=5: its config would record fewer steps than "
         "its weights have; ask for 6 or more, or train into another experiment.output_dir\n")

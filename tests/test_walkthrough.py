@@ -44,7 +44,8 @@ def test_toy_run_then_its_printed_sample_and_score_commands(tmp_path):
     scored = python(score_command, "--json", str(tmp_path / "score.json"))
     share = float(scored.stdout.split("toy classifier: ")[1].split(" of 100")[0])
     assert 0.0 <= share <= 1.0 and "(chance 0.10)" in scored.stdout
-    refused = subprocess.run([sys.executable, "-m", "evaluator.toy", f"{run}/eval_samples.npz", f"config={run}/config.yaml",
+    refused = subprocess.run([sys.executable, "-m", "evaluator.toy", f"{run}/eval_samples.npz",
+                              f"config={run}/config.yaml",
                               "--inception-weights", str(tmp_path / "none.pth")],
                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and refused.stderr.startswith("error: FID needs ≥ 2048 samples (got 100 in ")
