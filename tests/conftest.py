@@ -90,7 +90,7 @@ def server():
 
 
 # Markers: `slow` tests run by default (the whole suite stays within CI's 10 minutes); `cuda` tests need a GPU,
-# `campaign` tests are the long fault campaigns and `registry` tests the built-in models through the whole path of
+# `campaign` tests are the long fault campaigns and `registry` tests built-in models through the whole path of
 # tests/test_bring_your_own.py: those are deselected unless asked for with -m (e.g. -m cuda).
 OPT_IN_MARKERS = ("cuda", "campaign", "registry")
 
@@ -99,7 +99,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores (still run by default)")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; run with `python -m pytest -m cuda tests`")
     config.addinivalue_line("markers", "campaign: a long fault campaign; run with `python -m pytest -m campaign tests`")
-    config.addinivalue_line("markers", "registry: every built-in tokenizer and backbone through the whole path of "
+    config.addinivalue_line("markers", "registry: the built-in backbones and MaskGIT-VQGAN through the whole path of "
                                        "tests/test_bring_your_own.py; run with `python -m pytest -m registry tests`")
 
 

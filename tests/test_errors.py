@@ -287,12 +287,13 @@ ROWS = [
         "the disk is full: could not save checkpoint {O}/run/checkpoints/checkpoint-00000002 ([Errno 28] No space "
         "left on device: '{O}/run/checkpoints/checkpoint-00000002.tmp-save/model.safetensors'); the earlier "
         "checkpoints are intact: free some space and rerun to resume",
-        faults=({"target": "utils.training.resume:save_file", "action": "enospc"},), left=("run", "run/config.yaml",
-                                                                                           "run/checkpoints")),
+        faults=({"target": "utils.training.resume:save_file", "action": "enospc", "match": "checkpoint"},),
+        left=("run", "run/config.yaml", "run/tokenizer.safetensors", "run/checkpoints")),
     Row("train: file-size limit while saving (a real failed write)", TOY, 1,
         "the disk is full: could not save checkpoint {O}/run/checkpoints/checkpoint-00000002 (…File too large…); "
         "the earlier checkpoints are intact: free some space and rerun to resume",
-        faults=({"fsize_limit": 50_000},), left=("run", "run/config.yaml", "run/checkpoints")),
+        faults=({"fsize_limit": 50_000},),
+        left=("run", "run/config.yaml", "run/tokenizer.safetensors", "run/checkpoints")),
     Row("sample: disk full while writing a shard", SAMPLE, 1,
         "the disk is full: could not write {O}/samples/shards/batch_000001.npz ([Errno 28] No space left on device: "
         "'{O}/samples/shards/batch_000001.npz.tmp-…'); free some space and rerun",
