@@ -320,6 +320,16 @@ def test_consistency_command_errors_are_one_line(tmp_path, level_checkpoint, cap
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
+def test_a_call_without_weights_fails_before_reading_the_token_files(tmp_path, capsys):
+    """The toy tokenizer has no weights outside its run: one line, and no cache made of the held-out file."""
+    write_jsonl(tmp_path / "held_out.jsonl", random_tokens(4, 16, 16), np.arange(4))
+    argv = [str(tmp_path / "held_out.jsonl"), f"config={TOY_CONFIG}", *LEVEL_CONFIG, "--reference",
+            str(tmp_path / "held_out.jsonl"), f"experiment.output_dir={tmp_path / 'run'}"]
+    assert command(consistency, argv) == 1
+    assert "the 'toy' tokenizer has no weights" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["held_out.jsonl"]
+
+
 def test_help_lists_flags_and_config_keys(capsys):
     assert command(consistency, ["--help"]) == 0
     text = capsys.readouterr().out
