@@ -15,6 +15,11 @@ is. A tokenizer that decodes prefixes (ReTok) takes sequences of its first k tok
 first k tokens of the re-encoding.
 
     python -m evaluator.consistency runs/samples/rear_s.npz config=configs/rear_s.yaml --reference data/val.jsonl
+    python -m evaluator.consistency runs/rear_toy/eval_samples.npz config=runs/rear_toy/config.yaml \\
+        --reference runs/rear_toy/held_out.jsonl
+
+The report goes to experiment.output_dir/consistency.{json,png}: with a run's own config, its run folder, where
+`python -m evaluator.compare` reads it beside the exposure report.
 """
 
 from __future__ import annotations
@@ -52,11 +57,12 @@ SCRIPT = Script(
     summary="Re-tokenization consistency: decode TOKENS (" + FORMATS + ") with the config's tokenizer, encode the "
             "8-bit images again, and report the share of tokens that come back (overall, by position) and the "
             "codebook distance to their re-encodings; with --reference, the same for dataset tokens and the gap. "
-            "Writes PREFIX.json and PREFIX.png (default PREFIX: TOKENS without its extension + .consistency).",
+            "Writes PREFIX.json and PREFIX.png (default PREFIX: experiment.output_dir/consistency, the run folder "
+            "with config=RUN/config.yaml).",
     example="python -m evaluator.consistency runs/samples/rear_s.npz config=configs/rear_s.yaml "
             "--reference data/val_center.jsonl --limit 10000",
     sections=("model.vq_model.model_type", "model.vq_model.pretrained_tokenizer_weight",
-              "experiment.tokenizer_checkpoint", "dataset.preprocessing.crop_size"),
+              "experiment.tokenizer_checkpoint", "experiment.output_dir", "dataset.preprocessing.crop_size"),
     flags=FLAGS,
     positional="tokens",
 )
@@ -109,15 +115,24 @@ def figure_of(results: dict):
     return figure
 
 
-def default_prefix(path: str) -> str:
-    return os.path.splitext(path)[0] + ".consistency"
+def print_summary(results: dict) -> None:
+    for key in ("generated", "dataset"):
+        if key in results:
+            part = results[key]
+            print(f"{key}: {part['token_match']['mean']:.4f} of tokens come back, codebook distance "
+                  f"{part['codebook_distance']['mean']:.4f} ({part['num_sequences']} sequences)")
+    if "gap" in results:
+        gap_ = results["gap"]
+        print(f"gap (generator-tokenizer inconsistency; positive: generated tokens come back worse): token match "
+              f"{gap_['token_match']:+.4f}, codebook distance {gap_['codebook_distance']:+.4f}")
 
 
 def main(config, flags) -> dict:
     device = resolve_device(flags.device)
-    generated = load_token_set(flags.tokens, flags.limit)  # bad files fail before the tokenizer loads
-    dataset: Optional[TokenSet] = load_token_set(flags.reference, flags.limit) if flags.reference else None
+    # The tokenizer first: a run without weights fails before the token files are read (and cached).
     tokenizer = build_tokenizer(config).to(device).eval()
+    generated = load_token_set(flags.tokens, flags.limit)
+    dataset: Optional[TokenSet] = load_token_set(flags.reference, flags.limit) if flags.reference else None
     for token_set in filter(None, (generated, dataset)):
         token_set.check(tokenizer.codebook_size, tokenizer.num_tokens,
                         prefixes=getattr(tokenizer, "decodes_prefixes", False))
@@ -131,12 +146,9 @@ def main(config, flags) -> dict:
     if dataset is not None:
         results["dataset"] = measure(tokenizer, dataset, flags.batch_size, device, "dataset tokens")
         results["gap"] = gap(results["generated"], results["dataset"])
-    for key in ("generated", "dataset"):
-        if key in results:
-            part = results[key]
-            print(f"{key}: {part['token_match']['mean']:.4f} of tokens come back, codebook distance "
-                  f"{part['codebook_distance']['mean']:.4f} ({part['num_sequences']} sequences)")
-    write_report(flags.output or default_prefix(flags.tokens), results, figure_of(results))
+    print_summary(results)
+    write_report(flags.output or os.path.join(config.experiment.output_dir, "consistency"), results,
+                 figure_of(results))
     return results
 
 

@@ -16,6 +16,9 @@ alone, and two models measured on the same data with the same seed see the same 
 
     python -m evaluator.exposure config=configs/rear_s.yaml experiment.generator_checkpoint=reAR-S.safetensors \\
         --data data/val_center.jsonl --limit 10000
+    python -m evaluator.exposure config=runs/rear_toy/config.yaml --data runs/rear_toy/held_out.jsonl
+
+The report goes to experiment.output_dir/exposure.{json,png}: with a run's own config, its run folder.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ SCRIPT = Script(
           "[--rates 0.1,0.3,0.5] [--seed S] [--limit N] [--batch-size B] [--device D] [--output PREFIX]",
     summary="Exposure bias: the generator's teacher-forced NLL and token accuracy on DATA, by position, with a "
             "clean context and with the context corrupted at each rate (targets clean), and the slope of accuracy "
-            "against the rate. Writes PREFIX.json and PREFIX.png (default PREFIX: experiment.output_dir/exposure).",
+            "against the rate. Writes PREFIX.json and PREFIX.png (default PREFIX: experiment.output_dir/exposure, "
+            "the run folder with config=RUN/config.yaml, which also names the generator).",
     example="python -m evaluator.exposure config=configs/rear_s.yaml experiment.generator_checkpoint="
             "reAR-S.safetensors --data data/val_center.jsonl --limit 10000",
     sections=("experiment.generator_checkpoint", "experiment.output_dir", "model.generator.backbone"),
@@ -148,7 +152,7 @@ def figure_of(results: dict):
     rates = np.asarray(results["rates"])
     for name in SUMMARIES:
         values = [e["accuracy"][name] for e in by_rate]
-        label = f"{name} (slope {results['slopes']['accuracy'][name]:.3f})"
+        label = f"{name.replace('_', ' ')} (slope {results['slopes']['accuracy'][name]:.3f})"
         trend.plot(rates, values, marker="o", linewidth=1.2, label=label)
     trend.set_xlabel("context corruption rate")
     trend.set_ylabel("token accuracy")
@@ -164,12 +168,13 @@ def main(config, flags) -> dict:
     if not checkpoint:
         raise UsageError("set experiment.generator_checkpoint=PATH (a local file or a released name)")
     device = resolve_device(flags.device)
-    data = load_token_set(flags.data, flags.limit)  # a bad file fails before the generator loads
+    # The generator first: a run without weights fails before the token file is read (and cached).
+    model = load_generator(config, checkpoint).to(device)
+    data = load_token_set(flags.data, flags.limit)
     g = config.model.generator
     if decodes_prefixes(config) and data.tokens.shape[1] > g.image_seq_len:  # as training reads a prefix model's data
         data.tokens = data.tokens[:, : g.image_seq_len]
     data.check(config.model.vq_model.codebook_size, g.image_seq_len, g.condition_num_classes)
-    model = load_generator(config, checkpoint).to(device)
     results = {
         "backbone": canonical_choice(config, "model.generator.backbone"),
         "generator_checkpoint": checkpoint,

@@ -81,13 +81,20 @@ def new_figure(panels: int):
     return figure, figure.subplots(1, panels, squeeze=False)[0]
 
 
+BANDS = ("first quarter", "middle half", "last quarter")  # the regions of `position_bands`
+
+
 def plot_by_position(axes, curves: Dict[str, Sequence[float]], ylabel: str) -> None:
-    """One line per curve over the token positions, with the quarter bands marked."""
+    """One line per curve over the token positions, with the bands of `position_bands` marked and named."""
     for label, values in curves.items():
         axes.plot(np.arange(len(values)), values, label=label, linewidth=1.2)
     length = len(next(iter(curves.values())))
-    for boundary in (length // 4, length - length // 4):
-        axes.axvline(boundary - 0.5, color="0.8", linewidth=0.8, zorder=0)
+    edges = (-0.5, length // 4 - 0.5, length - length // 4 - 0.5, length - 0.5)
+    for boundary in edges[1:3]:
+        axes.axvline(boundary, color="0.8", linewidth=0.8, zorder=0)
+    for name, start, end in zip(BANDS, edges, edges[1:]):  # above the plot, in axes coordinates along y
+        axes.text((start + end) / 2, 1.01, name, transform=axes.get_xaxis_transform(), ha="center", va="bottom",
+                  fontsize=7, color="0.4")
     axes.set_xlabel("token position")
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
@@ -103,5 +110,5 @@ def write_report(prefix: str, results: dict, figure) -> None:
     print(f"wrote {prefix}.json and {prefix}.png")
 
 
-__all__ = ["PositionMeans", "add_inception_flags", "measurement_flags", "new_figure", "plot_by_position",
+__all__ = ["BANDS", "PositionMeans", "add_inception_flags", "measurement_flags", "new_figure", "plot_by_position",
            "position_bands", "resolve_device", "write_report"]

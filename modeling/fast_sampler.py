@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from modeling.rear import ReAR
-from modeling.sampler import Progress, cfg_scale_at, sample_next_token
+from modeling.next_token import Progress, cfg_scale_at, sample_next_token
 
 
 class StaticKVCache:

@@ -10,9 +10,11 @@ written once against this small interface:
 - `new_caches(rows)` and `next_token_logits(prefix, class_ids, caches)`: the logits of the token after `prefix`;
   with caches only the newest position runs (the first call runs the class / prefix positions);
 - the attributes `codebook_size`, `num_classes`, `image_seq_len`, `null_class`, `hidden_size` (set by
-  `Generator.__init__`), and `check_ids` (a default here).
+  `Generator.__init__`), and `check_ids` (a default here);
+- `has_mask_token`: whether its input embedding has a row for the mask token V, which `perturb_mode: mask` feeds
+  it (a config that asks for it on a backbone without one is refused at start-up).
 What the originals' samplers do differently is data or a small override here: `guidance_schedule` (a name in
-`modeling.sampler.GUIDANCE_SCHEDULES`), `uses_guidance` (which scales run the null-class rows), `guidance_scale_at`
+`modeling.next_token.GUIDANCE_SCHEDULES`), `uses_guidance` (which scales run the null-class rows), `guidance_scale_at`
 (the scale of token t, or None for the conditional logits alone) and `start_sampling` (random draws the original
 makes before its first step). Shared helpers: `through_blocks` (the blocks of `transformer_blocks`, with activation
 checkpointing and the hidden states the heads read) and `load_weights_file` (a released file, unwrapped by
@@ -27,9 +29,9 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from modeling import sampler
+from modeling.next_token import (DEFAULT_GUIDANCE_WINDOW, GUIDANCE_SCHEDULES, Guidance, Progress,
+                                  sample_next_token)
 from modeling.objective import add_alignment_heads
-from modeling.sampler import DEFAULT_GUIDANCE_WINDOW, GUIDANCE_SCHEDULES, Guidance
 from utils.config import validate
 
 LOCAL_GENERATOR = "experiment.generator_checkpoint=PATH"
@@ -50,6 +52,7 @@ class Generator(nn.Module):
 
     prefix_len: int = 1
     supports_orders: bool = False  # RAR's randomized order
+    has_mask_token: bool = False  # its token table embeds the mask token V (noisy context's `mask` mode)
     has_fast_sampler: bool = False
     draws_before_sampling: bool = False  # see start_sampling
     guidance_schedule: str = "cosine_power"
@@ -163,11 +166,31 @@ class Generator(nn.Module):
                  top_k: Optional[int] = None, top_p: Optional[float] = None, kv_cache: bool = True,
                  guidance_schedule: Optional[str] = None,
                  guidance_window: Tuple[float, float] = DEFAULT_GUIDANCE_WINDOW, cfg_interval: int = -1,
-                 progress: Optional[sampler.Progress] = None) -> Tensor:
-        """Sample (B, N) image tokens for raw class labels (B,); for a fixed `torch.manual_seed` this reproduces the
-        original sampler's tokens (see `modeling.sampler.generate`)."""
-        return sampler.generate(self, class_ids, guidance_scale, guidance_scale_pow, temperature, top_k, top_p,
-                                kv_cache, guidance_schedule, guidance_window, cfg_interval, progress)
+                 progress: Optional[Progress] = None) -> Tensor:
+        """Sample (B, N) image tokens for raw class labels (B,): the readable sampler every backbone shares, which
+        for a fixed `torch.manual_seed` draws its original sampler's tokens. Classifier-free guidance when the
+        backbone `uses_guidance` at this scale (rows [conditional; null class] in one batch; each token's scale from
+        `guidance_scale_at`). With `kv_cache` each step runs only the newest position; without it the whole prefix
+        is recomputed (the originals' reference path). `progress(t, N)` is called after the t-th token."""
+        self.check_ids(None, class_ids)
+        self.start_sampling(class_ids)
+        batch = len(class_ids)
+        guidance = Guidance(guidance_scale, guidance_scale_pow, guidance_schedule, tuple(guidance_window), cfg_interval)
+        use_cfg = self.uses_guidance(guidance_scale)
+        if use_cfg:
+            class_ids = torch.cat([class_ids, torch.full_like(class_ids, self.null_class)])
+        caches = self.new_caches(len(class_ids)) if kv_cache else None
+        tokens = class_ids.new_empty(batch, 0)
+        for step in range(self.image_seq_len):
+            prefix = torch.cat([tokens, tokens]) if use_cfg else tokens
+            logits = self.next_token_logits(prefix, class_ids, caches)
+            cfg = self.guidance_scale_at(step, guidance, logits.device) if use_cfg else None
+            if use_cfg and cfg is None:
+                logits = logits[:batch]  # guidance over: the conditional rows alone
+            tokens = torch.cat([tokens, sample_next_token(logits, cfg, temperature, top_k, top_p)], dim=1)
+            if progress is not None:
+                progress(step + 1, self.image_seq_len)
+        return tokens
 
     def num_parameters(self, exclude_alignment: bool = False) -> int:
         heads = set(HEAD_OUTPUTS) if exclude_alignment else set()

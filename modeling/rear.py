@@ -158,6 +158,7 @@ class ReAR(Generator):
 
     prefix_len = 2  # [cls, class, tok_0, ...]: position 2+i reads tok_i
     supports_orders = True
+    has_mask_token = True  # row V of `embeddings`
     has_fast_sampler = True
     draws_before_sampling = True
 

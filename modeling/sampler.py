@@ -1,153 +1,26 @@
-"""Sampling tokens from any backbone: one loop, the guidance schedules, and the sampling step.
+"""Sampling for the scripts: the settings of a run (`SamplingOptions`), the one call site of the samplers
+(`generate_tokens`, `sample`), and the images they decode to.
 
-The loop (`generate`) is the readable sampler every backbone shares; what differs between the originals' samplers is
-the backbone's (its guidance schedule, which scales guide at all, the scale of each token, its extra random draws
-before the first step: `modeling.generator.Generator`), so one loop draws each original's tokens for a fixed seed.
-A backbone module registers its original's schedules with `register_guidance_schedule`. `generate_tokens` is the
-one call site of sampling for scripts: it picks the fast sampler (`modeling/fast_sampler.py`: static cache, CUDA
-graph) where it serves the backbone and the settings (`why_not_fast`), else this loop.
+Two samplers draw the tokens, through the per-token primitives of `modeling/next_token.py` (guidance schedules,
+filtering, the draw): the readable loop every backbone shares (`Generator.generate`: what differs between the
+originals' samplers is the backbone's, so one loop draws each original's tokens for a fixed seed) and the fast one
+(`modeling/fast_sampler.py`: static cache, CUDA graph). `generate_tokens` picks the fast sampler where it serves the
+backbone and the settings (`why_not_fast`), else the loop. Imports run one way: next_token <- generator <- rear <-
+fast_sampler <- sampler.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils.config import register_choice
-
-MIN_TEMPERATURE = 1e-5  # GigaTok's floor (a lower positive temperature divides by it); RAR and AliTok have none
-
-
-# ----------------------------------------------------------------------------------------- guidance schedules
-DEFAULT_GUIDANCE_WINDOW = (0.18, 1.0)
-
-
-@dataclass(frozen=True)
-class Guidance:
-    """Classifier-free guidance of one sampling call: the scale and what its schedule reads."""
-
-    scale: float
-    power: float = 1.0  # cosine_power's exponent
-    schedule: Optional[str] = None  # a name in GUIDANCE_SCHEDULES; None: the backbone's own
-    window: Tuple[float, float] = DEFAULT_GUIDANCE_WINDOW  # step / rectangular: where the full scale applies
-    interval: int = -1  # GigaTok's cfg_interval (see Generator.guidance_scale_at); -1: guide every token
-
-
-def cfg_scale_at(step: int, num_steps: int, guidance_scale: float, power: float, device=None) -> Tensor:
-    """RAR's schedule: 1 at the first token, rising on a cosine of (step/N)^power to `guidance_scale`.
-
-    Computed in float32 exactly as the original sampler does, so that sampled tokens match it bit for bit.
-    """
-    scale_pow = torch.ones(1, device=device) * power
-    s = (1 - torch.cos(((step / num_steps) ** scale_pow) * torch.pi)) * 1 / 2
-    return (guidance_scale - 1) * s + 1
-
-
-# schedule(step, num_steps, guidance, device) -> the scale of token `step` (a float32 tensor or a Python float, as
-# its original computes it: the mix is then bit for bit the original's)
-GuidanceSchedule = Callable[[int, int, Guidance, Optional[torch.device]], Union[Tensor, float]]
-GUIDANCE_SCHEDULES: Dict[str, GuidanceSchedule] = {}
-
-
-def register_guidance_schedule(name: str) -> Callable[[GuidanceSchedule], GuidanceSchedule]:
-    def register(schedule: GuidanceSchedule) -> GuidanceSchedule:
-        if name in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance schedule '{name}' is already registered")
-        GUIDANCE_SCHEDULES[name] = schedule
-        register_choice("model.generator.guidance_schedule", name)
-        return schedule
-
-    return register
-
-
-@register_guidance_schedule("cosine_power")
-def cosine_power(step: int, num_steps: int, guidance: Guidance, device=None) -> Tensor:
-    """RAR's (and AliTok's) schedule: `cfg_scale_at`."""
-    return cfg_scale_at(step, num_steps, guidance.scale, guidance.power, device)
-
-
-# ----------------------------------------------------------------------------------------- one step
-def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
-    """Keep the `top_k` largest logits, then the most likely tokens up to and including the first at which the
-    cumulative probability exceeds `top_p` (LlamaGen's and GigaTok's rule; top_p = 1 keeps every token)."""
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_p < 1.0:  # at 1 a cumulative sum that rounds above 1 would drop the least likely tokens
-            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-            over = sorted_logits.softmax(dim=-1).cumsum(dim=-1) > top_p
-            drop_sorted = torch.zeros_like(over)
-            drop_sorted[..., 1:] = over[..., :-1]  # the token that crosses top_p is kept
-            logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits
-
-
-def sample_next_token(
-    logits: Tensor, cfg_scale: Union[Tensor, float, None], temperature: float, top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-) -> Tensor:
-    """One sampling step from logits of the newest position. With `cfg_scale`, the rows are [conditional; null class]
-    and are mixed as uncond + (cond - uncond)·cfg. Then temperature, optional top-k / top-p, and one multinomial draw
-    for the whole batch, as the original samplers do (their random stream depends on that one call)."""
-    if cfg_scale is not None:
-        cond, uncond = logits.chunk(2)
-        logits = uncond + (cond - uncond) * cfg_scale
-    logits = filter_logits(logits / max(temperature, MIN_TEMPERATURE), top_k, top_p)
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-
-
-# ----------------------------------------------------------------------------------------- the loop
-Progress = Callable[[int, int], None]  # (tokens drawn, tokens per image): a page's progress bar
-
-
-@torch.no_grad()
-def generate(
-    model: nn.Module,
-    class_ids: Tensor,
-    guidance_scale: float,
-    guidance_scale_pow: float,
-    temperature: float = 1.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    kv_cache: bool = True,
-    guidance_schedule: Optional[str] = None,
-    guidance_window: Tuple[float, float] = DEFAULT_GUIDANCE_WINDOW,
-    cfg_interval: int = -1,
-    progress: Optional[Progress] = None,
-) -> Tensor:
-    """Sample (B, N) image tokens from a backbone for raw class labels (B,), with classifier-free guidance when the
-    backbone `uses_guidance` at this scale (rows [conditional; null class] in one batch; each token's scale from
-    `model.guidance_scale_at`). With `kv_cache` each step runs only the newest position; without it the whole
-    prefix is recomputed (the originals' reference path). `progress(t, N)` is called after the t-th token."""
-    model.check_ids(None, class_ids)
-    model.start_sampling(class_ids)
-    batch, n = len(class_ids), model.image_seq_len
-    guidance = Guidance(guidance_scale, guidance_scale_pow, guidance_schedule, tuple(guidance_window), cfg_interval)
-    use_cfg = model.uses_guidance(guidance_scale)
-    if use_cfg:
-        class_ids = torch.cat([class_ids, torch.full_like(class_ids, model.null_class)])
-    caches = model.new_caches(len(class_ids)) if kv_cache else None
-    tokens = class_ids.new_empty(batch, 0)
-    for step in range(n):
-        prefix = torch.cat([tokens, tokens]) if use_cfg else tokens
-        logits = model.next_token_logits(prefix, class_ids, caches)
-        cfg = model.guidance_scale_at(step, guidance, logits.device) if use_cfg else None
-        if use_cfg and cfg is None:
-            logits = logits[:batch]  # guidance over: the conditional rows alone
-        tokens = torch.cat([tokens, sample_next_token(logits, cfg, temperature, top_k, top_p)], dim=1)
-        if progress is not None:
-            progress(step + 1, n)
-    return tokens
+from modeling.fast_sampler import FastSampler
+from modeling.next_token import DEFAULT_GUIDANCE_WINDOW, Progress, cfg_scale_at, filter_logits  # noqa: F401
+# (cfg_scale_at and filter_logits: re-exported)
 
 
 # ----------------------------------------------------------------------------------------- the call site
@@ -210,11 +83,7 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-
-
-def fast_sampler_for(model: nn.Module, batch_size: int, guidance: bool, precision: str):
-    from modeling.fast_sampler import FastSampler
-
+def fast_sampler_for(model: nn.Module, batch_size: int, guidance: bool, precision: str) -> FastSampler:
     device = next(model.parameters()).device
     dtype = torch.bfloat16 if effective_precision(precision, device) == "bf16" else None
     # One per (batch rows, guidance, dtype), kept on the model: built once, its buffers (and CUDA graph) reused, and
@@ -304,22 +173,15 @@ def to_uint8(images: Tensor):
 
 
 __all__ = [
-    "DEFAULT_GUIDANCE_WINDOW",
-    "GUIDANCE_SCHEDULES",
-    "Guidance",
-    "Progress",
     "SamplingOptions",
     "cfg_scale_at",
     "decode_in_batches",
     "effective_precision",
     "filter_logits",
-    "generate",
     "generate_tokens",
-    "register_guidance_schedule",
     "sample",
     "sample_images",
     "sample_images_seeded",
-    "sample_next_token",
     "to_uint8",
     "why_not_fast",
 ]

@@ -31,7 +31,8 @@ from utils.threads import use_thread_defaults  # noqa: E402
 use_thread_defaults()  # before torch loads
 
 import numpy as np  # noqa: E402
-from modeling.sampler import GUIDANCE_SCHEDULES, SamplingOptions, why_not_fast  # noqa: E402
+from modeling.next_token import GUIDANCE_SCHEDULES  # noqa: E402
+from modeling.sampler import SamplingOptions, why_not_fast  # noqa: E402
 from scripts.demo import apply_flags, chosen_classes, draw, load_models, model_flags, set_sampling  # noqa: E402
 from utils.cli import Script, one_line, run  # noqa: E402
 from utils.errors import UsageError, UserError  # noqa: E402

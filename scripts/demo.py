@@ -2,6 +2,7 @@
 
     python scripts/demo.py --model reAR-S --classes 1 7 282 --out grid.png
     python scripts/demo.py config=configs/ar_b_alitok.yaml --generator alitok_b.bin --tokenizer AliTok.pth
+    python scripts/demo.py config=runs/rear_toy/config.yaml      # a run of yours: its config names its weights
 
 Fetches the generator (Hugging Face Hub qyoo/reAR) and the MaskGIT-VQGAN tokenizer (fun-research/TiTok), or
 reads local copies given with --generator PATH --tokenizer PATH. With `config=FILE` (any backbone) the weights are
@@ -30,17 +31,17 @@ from torch import nn  # noqa: E402
 
 from modeling import build_tokenizer, load_generator  # noqa: E402
 from modeling.sampler import Progress, SamplingOptions, sample  # noqa: E402
-from modeling.tokenizers import RELEASED_WEIGHTS, decoded_to_uint8  # noqa: E402
+from modeling.tokenizers import decoded_to_uint8, tokenizer_weights  # noqa: E402
 from utils.cli import Script, flag_parser, positive_int, run, torch_device  # noqa: E402
-from utils.config import canonical_choice, check  # noqa: E402
+from utils.config import check  # noqa: E402
 from utils.errors import MissingWeightsError, UsageError  # noqa: E402
 from utils.grids import class_names, labelled_grid, save_png  # noqa: E402
 from utils.weights import GENERATOR_FILENAMES, TOKENIZER_FILENAME, is_model_folder, resolve_weights  # noqa: E402
 
 SAMPLING_FLAGS = ("guidance_scale", "guidance_scale_pow", "temperature", "top_k", "top_p", "precision")
 CONFIGS = {"reAR-S": "configs/rear_s.yaml", "reAR-B": "configs/rear_b.yaml", "reAR-L": "configs/rear_l.yaml"}
-
-DEFAULT_CLASSES = [1, 7, 282, 604, 724, 179, 751, 404, 850]  # ImageNet: goldfish, cock, tiger cat, ...
+IMAGENET_CLASSES = [1, 7, 282, 604, 724, 179, 751, 404, 850]  # the default grid of a 1000-class model
+OTHER_CLASSES = 16  # the default grid of another model: its first classes, up to this many
 
 
 def model_flags() -> argparse.ArgumentParser:
@@ -49,7 +50,8 @@ def model_flags() -> argparse.ArgumentParser:
     flags.add_argument("--model", choices=sorted(CONFIGS),
                        help="released model (default: the released config's, or reAR-S without config=)")
     flags.add_argument("--classes", type=int, nargs="+",
-                       help="class ids, one image each (default: nine ImageNet classes, or the first ten)")
+                       help=f"class ids, one image each (default: {' '.join(map(str, IMAGENET_CLASSES))} for "
+                            f"ImageNet; else the first {OTHER_CLASSES} classes)")
     flags.add_argument("--generator", help="local generator weights (default: the released file of --model)")
     flags.add_argument("--tokenizer", help=f"local tokenizer weights, or a folder / Hub repo with config.json "
                                            f"(default: the released {TOKENIZER_FILENAME})")
@@ -125,12 +127,10 @@ def load_models(config, flags) -> tuple[nn.Module, nn.Module]:
             raise UsageError(f"this config's {config.model.generator.backbone} generator has no weights named: pass "
                              "--generator PATH (or experiment.generator_checkpoint=PATH)")
         generator = GENERATOR_FILENAMES[model]
-    vq = config.model.vq_model
-    tokenizer = (flags.tokenizer or config.experiment.tokenizer_checkpoint or vq.pretrained_tokenizer_weight
-                 or RELEASED_WEIGHTS.get(canonical_choice(config, "model.vq_model.model_type")))
+    tokenizer = flags.tokenizer or tokenizer_weights(config)
     if tokenizer is None:
-        raise UsageError(f"this config's {vq.model_type} tokenizer has no weights named: pass --tokenizer PATH "
-                         "(or experiment.tokenizer_checkpoint=PATH)")
+        raise UsageError(f"this config's {config.model.vq_model.model_type} tokenizer has no weights named: pass "
+                         "--tokenizer PATH (or experiment.tokenizer_checkpoint=PATH)")
     generator_path, tokenizer_path = fetch_weights(generator, tokenizer)
     config.experiment.tokenizer_checkpoint = tokenizer_path
     device = torch.device(flags.device)
@@ -152,10 +152,10 @@ def draw(generator: nn.Module, tokenizer: nn.Module, config, classes: Sequence[i
 
 
 def chosen_classes(config, flags) -> list[int]:
-    """--classes, checked against the model's labels; by default nine ImageNet classes, or the first ten."""
+    """--classes, checked against the model's labels; by default nine ImageNet classes, or the first ones."""
     num_classes = config.model.generator.condition_num_classes
     if flags.classes is None:
-        return DEFAULT_CLASSES if num_classes == 1000 else list(range(min(num_classes, 10)))
+        return IMAGENET_CLASSES if num_classes == 1000 else list(range(min(num_classes, OTHER_CLASSES)))
     bad = [c for c in flags.classes if not 0 <= c < num_classes]
     if bad:
         raise UsageError(f"--classes: {bad[0]} is not a class id of this model (0..{num_classes - 1})")

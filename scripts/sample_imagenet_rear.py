@@ -1,8 +1,9 @@
 """Sample class-balanced images for FID: `experiment.output_dir=DIR` → `DIR.npz` (`arr_0` uint8 (N, H, W, 3), plus the
-sampled `tokens` and `labels`).
+sampled `tokens` and `labels`); a training run's folder → `RUN/eval_samples.npz`.
 
     torchrun --nproc_per_node=8 scripts/sample_imagenet_rear.py config=configs/rear_s.yaml \\
         experiment.generator_checkpoint=reAR-S.safetensors experiment.output_dir=runs/samples/rear_s
+    python scripts/sample_imagenet_rear.py config=runs/rear_toy/config.yaml sampling.num_samples=1000
 
 Also runs as a plain `python` process. `sampling.*` sets the size, seed, guidance and precision. The images are
 fixed by `sampling.seed` and `sampling.per_proc_batch_size` whatever the number of processes (and machines); an
@@ -33,13 +34,15 @@ from utils.errors import UsageError  # noqa: E402
 from utils.files import check_shared  # noqa: E402
 from utils.fid_samples.run import class_labels, make_shards, merge_shards, npz_path, prepare_sample_dir  # noqa: E402
 from utils.preemption import STOPPED_EXIT_CODE, RankVote, StopSignals, exit_stopped  # noqa: E402
+from utils.training.run_record import samples_folder  # noqa: E402
 from utils.weights import describe_file  # noqa: E402
 
 SCRIPT = Script(
     usage="torchrun --nproc_per_node=K scripts/sample_imagenet_rear.py config=FILE.yaml "
           "experiment.generator_checkpoint=W experiment.output_dir=DIR [key.sub=value ...]   (or plain python)",
     summary="Sample class-balanced images for FID into DIR.npz (arr_0 as the ADM evaluator reads it, plus tokens "
-            "and labels): resumable, and the same bytes for any number of processes.",
+            "and labels): resumable, and the same bytes for any number of processes. With a training run's "
+            "config (config=RUN/config.yaml names its weights and folder) the samples go to RUN/eval_samples.npz.",
     example="python scripts/sample_imagenet_rear.py config=configs/rear_s.yaml "
             "experiment.generator_checkpoint=reAR-S.safetensors experiment.output_dir=runs/samples/rear_s",
     sections=("experiment.generator_checkpoint", "experiment.tokenizer_checkpoint", "experiment.output_dir",
@@ -130,7 +133,7 @@ def start(config):
 
 def write_samples(config, generator, tokenizer, rank: int, world_size: int, device: torch.device) -> str:
     """experiment.output_dir=DIR → DIR.npz with the `sampling.*` of `config` (every rank calls it); its path."""
-    s, sample_dir = config.sampling, config.experiment.output_dir
+    s, sample_dir = config.sampling, samples_folder(config.experiment.output_dir)
     options = SamplingOptions.from_config(config)
     # Only now, with the models loaded, is the folder made: a run that fails at start-up leaves nothing behind.
     complete = on_rank0(lambda: prepare_sample_dir(sample_dir, settings_of(config, options, device)), rank)

@@ -3,9 +3,12 @@
     python scripts/train_rear.py config=configs/rear_toy.yaml                    # CPU, minutes
     accelerate launch scripts/train_rear.py config=configs/rear_s.yaml experiment.output_dir=runs/rear_s
 
-Writes into experiment.output_dir: checkpoints/checkpoint-<step>/ (resumable, see utils/training/resume.py),
-samples/step_<step>.png, generator.safetensors (final weights, EMA if on: `modeling.load_generator` loads it) and,
-for the toy data set, tokenizer.safetensors and samples/final.png with the classifier's score. SIGTERM, SIGINT or
+Writes into experiment.output_dir: config.yaml (every setting, naming the run's weights: `config=RUN/config.yaml`
+alone serves the sampler, the demo and the measurements; see utils/training/run_record.py),
+checkpoints/checkpoint-<step>/ (resumable, see utils/training/resume.py), samples/step_<step>.png,
+generator.safetensors (final weights, EMA if on: `modeling.load_generator` loads it), a fitted tokenizer's
+tokenizer.safetensors and, for the toy data set, samples/final.png with the classifier's score. Training into a
+folder that holds a run continues it, and refuses settings that would make another model. SIGTERM, SIGINT or
 SIGUSR1 (a preemption, Ctrl-C, a time limit) ends the run after the step in progress, saved, with exit code 75:
 the same command continues it (docs/cluster.md, also for several machines and SLURM).
 """
@@ -27,14 +30,14 @@ from accelerate.utils import broadcast_object_list, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from modeling import build_generator, build_tokenizer  # noqa: E402
+from modeling.tokenizers import fits_tokenizer  # noqa: E402
 from modeling.objective import Objective  # noqa: E402
 from modeling.sampler import SamplingOptions, sample_images_seeded  # noqa: E402
 from utils.cli import Script, run  # noqa: E402
-from utils.config import to_yaml  # noqa: E402
 from utils.data.loader import batches, training_dataset  # noqa: E402
 from utils.data.toy import TOY_CLASS_NAMES, tokenizer_fit_images, toy_class_share  # noqa: E402
-from utils.errors import OutputError  # noqa: E402
-from utils.files import atomic_open, check_shared, write_json  # noqa: E402
+from utils.errors import ConfigError, OutputError  # noqa: E402
+from utils.files import check_shared, write_json  # noqa: E402
 from utils.grids import image_grid, labelled_rows, save_png  # noqa: E402
 from utils.preemption import STOPPED_EXIT_CODE, RankVote, SaveClock, StopSignals, exit_stopped  # noqa: E402
 from utils.training.batch_plan import batch_plan  # noqa: E402
@@ -52,6 +55,14 @@ from utils.training.resume import (  # noqa: E402
     save_checkpoint,
     save_weights,
     write_training_state,
+)
+from utils.training.run_record import (  # noqa: E402
+    GENERATOR,
+    SAMPLES,
+    TOKENIZER,
+    check_same_run,
+    run_config,
+    write_run_config,
 )
 from utils.training.step import batch_tokens, make_accelerator, train_step  # noqa: E402
 
@@ -76,13 +87,19 @@ def main(config, flags=None) -> dict:
     # Everything is built and loaded before the output folder is made: a bad file or value leaves nothing behind.
     # Same initial weights on every process; data, dropout and noise differ per process from here on.
     set_seed(t.seed)
-    toy = config.dataset.name == "toy"
-    tokenizer = build_tokenizer(config, fit_images=tokenizer_fit_images(config) if toy else None).to(device)
+    toy, fit = config.dataset.name == "toy", fits_tokenizer(config)
+    if fit and not toy:
+        raise ConfigError(f"the '{config.model.vq_model.model_type}' tokenizer is fitted on the toy images at "
+                          f"start-up: with dataset.name={config.dataset.name} give it weights "
+                          "(experiment.tokenizer_checkpoint=PATH)")
+    tokenizer = build_tokenizer(config, fit_images=tokenizer_fit_images(config) if fit else None).to(device)
     generator = build_generator(config).to(device)
     if config.experiment.init_weight:  # e.g. a released backbone (AliTok-B) to train reAR's heads on top of
         init = config.experiment.init_weight
         generator.load_weights_file(init, f"experiment.init_weight {init}", "experiment.init_weight=PATH",
                                     new_heads=True)
+    record = run_config(config, out, fitted_tokenizer=fit)  # the config.yaml of the run, naming its weights
+    check_same_run(out, record)  # a folder that holds another model is refused here, untouched
     with accelerator.main_process_first():  # the main process converts a JSONL file once; the others reuse it
         dataset = training_dataset(config, tokenizer)
     if list_checkpoints(out) and not config.experiment.resume:
@@ -99,8 +116,9 @@ def main(config, flags=None) -> dict:
     if accelerator.is_main_process:
         os.makedirs(out, exist_ok=True)
         clean_output_folder(out)
-        with atomic_open(os.path.join(out, "config.yaml")) as f:
-            f.write(to_yaml(config))
+        if fit:  # the run's config names it: the folder is self-describing from the start
+            save_weights(os.path.join(out, TOKENIZER), tokenizer.state_dict())
+        write_run_config(out, record)
     # The main process verifies the checkpoints (and sets damaged ones aside); the others take its choice.
     checkpoint = [None]
     if accelerator.is_main_process:
@@ -118,14 +136,15 @@ def main(config, flags=None) -> dict:
     )
     if not restored:  # a fresh run, or more processes than the checkpoint had
         set_seed(t.seed + step, device_specific=True)
+    last_step = min(t.max_train_steps, t.stop_steps or t.max_train_steps)
     if checkpoint is not None:
-        accelerator.print(f"resumed from {checkpoint} at step {step} ({samples_seen} samples)")
+        accelerator.print(f"resumed from {checkpoint} at step {step} ({samples_seen} samples): "
+                          f"{plural(last_step - step, 'step')} to go, to step {last_step}")
         warn_if_global_batch_changed(accelerator, state, plan)
 
     start_trackers(accelerator, config, tracker, out)
     window = MetricWindow(device)
     describe_run(accelerator, config, dataset, generator, plan)
-    last_step = min(t.max_train_steps, t.stop_steps or t.max_train_steps)
     progress = tqdm(total=last_step, initial=step, disable=not accelerator.is_main_process, desc="train")
     max_grad_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
     window_start = (time.time(), step)
@@ -182,7 +201,7 @@ def main(config, flags=None) -> dict:
         summary = {"step": step, "samples_seen": samples_seen}
         if accelerator.is_main_process:
             final = ema.model_state_dict(generator) if ema is not None else generator.state_dict()
-            save_weights(os.path.join(out, "generator.safetensors"), final)
+            save_weights(os.path.join(out, GENERATOR), final)
             if toy:
                 summary.update(finish_toy(ema.averaged_model(generator) if ema else generator, tokenizer, config))
             write_json(os.path.join(out, "summary.json"), summary)
@@ -191,24 +210,37 @@ def main(config, flags=None) -> dict:
     return summary
 
 
+def plural(count, word: str, words: str = "") -> str:
+    """'1 step', '3 steps', '1 process', '2 processes' (`words`: the plural, if not word + s)."""
+    return f"{count:g} {word if count == 1 else words or word + 's'}"
+
+
 def describe_run(accelerator, config, dataset, generator, plan) -> None:
     t, g = config.training, config.model.generator
+    heads = [name.split("_")[0] for name in generator.alignment_heads]  # encode, decode: the ones built
     method = [f"noisy context ({g.perturb_mode})" if g.perturb_mode != "none" else "",
-              "alignment (" + "+".join(h.split("_")[0] for h in generator.alignment_heads) + ")"
-              if generator.alignment_heads else "", "RAR order" if g.order == "random" else ""]
+              f"alignment ({' + '.join(heads)})" if heads else "", "RAR order" if g.order == "random" else ""]
+    steps = (plural(t.max_train_steps, "step") if not t.stop_steps or t.stop_steps >= t.max_train_steps
+             else f"stopping at step {t.stop_steps} of a {t.max_train_steps}-step schedule")
+    precision = "bf16 autocast" if t.mixed_precision == "bf16" else "fp32"
+    loss = "The loss is the cross-entropy (CE)."
+    if heads:
+        terms = " + ".join(heads)
+        loss = (f"The loss is CE + {g.transition_alignment_weight:g} x ({terms} alignment), "
+                f"{'each alignment term' if len(heads) > 1 else 'the alignment term'} a mean of -cos, so it can be "
+                "negative.")
     accelerator.print(
         f"training {g.backbone}: {generator.num_parameters() / 1e6:.1f}M parameters, "
         f"{', '.join(m for m in method if m) or 'plain AR'} on {accelerator.device.type}: {plan.describe()}, "
-        f"{t.max_train_steps} steps, precision "
-        f"{t.mixed_precision}. The loss is CE + {g.transition_alignment_weight} x (encode + decode alignment), "
-        "each alignment term a mean of -cos, so it can be negative."
+        f"{steps}, {precision}. {loss}"
     )
     if dataset is not None:
         passes = len(dataset) / config.experiment.max_train_examples
+        crops = " (ten-crop pre-tokenized ImageNet: 10 epochs a pass)" if config.dataset.name != "toy" else ""
         accelerator.print(
-            f"data: {len(dataset)} sequences; 'epoch' counts experiment.max_train_examples = "
-            f"{config.experiment.max_train_examples} samples, so one pass over the data is {passes:g} epochs "
-            "(ten-crop pre-tokenized ImageNet: 10 epochs a pass)"
+            f"data: {len(dataset)} sequences; an 'epoch' in the logs is experiment.max_train_examples = "
+            f"{config.experiment.max_train_examples} samples, so one pass over the data is "
+            f"{plural(passes, 'epoch')}{crops}"
         )
 
 
@@ -278,7 +310,6 @@ def finish_toy(model, tokenizer, config) -> dict:
     """The toy run's end: its tokenizer, a labelled row of samples per class, the share a classifier of the toy
     classes assigns to the asked class, and the commands that take the run on to the 50k sampler and the score."""
     out = config.experiment.output_dir
-    save_weights(os.path.join(out, "tokenizer.safetensors"), tokenizer.state_dict())
     num_classes = config.model.generator.condition_num_classes
     per_class = max(config.sampling.num_samples // num_classes, 1)
     class_ids = torch.arange(num_classes, device=next(model.parameters()).device).repeat_interleave(per_class)
@@ -289,12 +320,9 @@ def finish_toy(model, tokenizer, config) -> dict:
     print(
         f"toy classifier: {share:.3f} of {len(class_ids)} samples show the requested class "
         f"(chance {1 / num_classes:.2f}); grid: {grid_path} (a row per class)\n"
-        "next: sample the 50k sampler's way, then score the samples:\n"
-        f"  python scripts/sample_imagenet_rear.py config={out}/config.yaml "
-        f"experiment.generator_checkpoint={out}/generator.safetensors "
-        f"experiment.tokenizer_checkpoint={out}/tokenizer.safetensors experiment.output_dir={out}_samples "
-        "sampling.num_samples=1000\n"
-        f"  python -m evaluator.toy {out}_samples.npz config={out}/config.yaml"
+        "next: sample the 50k sampler's way, then score the samples (the run's config names its weights):\n"
+        f"  python scripts/sample_imagenet_rear.py config={out}/config.yaml sampling.num_samples=1000\n"
+        f"  python -m evaluator.toy {out}/{SAMPLES}.npz config={out}/config.yaml"
     )
     return {"toy_class_share": share, "toy_num_samples": len(class_ids)}
 

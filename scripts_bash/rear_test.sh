@@ -27,7 +27,7 @@ example:
 USAGE
 }
 
-[[ ${1:-} == -h || ${1:-} == --help ]] && { usage; exit 0; }
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then usage; exit 0; fi
 [[ $# -ge 4 ]] || { usage >&2; exit 2; }
 config=$1 checkpoint=$2 num_gpus=$3 ref_batch=$4
 shift 4

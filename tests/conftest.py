@@ -92,9 +92,10 @@ def server():
 
 
 # Markers: `slow` tests run by default (the whole suite stays within CI's 10 minutes); `cuda` tests need a GPU,
-# `campaign` tests are the long fault campaigns and `cluster` tests launch several processes or simulated nodes with
-# torchrun / accelerate: all three are deselected unless asked for with -m (e.g. -m cuda).
-OPT_IN_MARKERS = ("cuda", "campaign", "cluster")
+# `campaign` tests are the long fault campaigns, `cluster` tests launch several processes or simulated nodes with
+# torchrun / accelerate, and `registry` tests run built-in models through the whole path of
+# tests/test_bring_your_own.py: those are deselected unless asked for with -m (e.g. -m cuda).
+OPT_IN_MARKERS = ("cuda", "campaign", "cluster", "registry")
 
 
 def pytest_configure(config):
@@ -103,6 +104,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "campaign: a long fault campaign; run with `python -m pytest -m campaign tests`")
     config.addinivalue_line("markers", "cluster: several processes or simulated nodes under torchrun / accelerate "
                             "launch (gloo on CPUs); run with `python -m pytest -m cluster tests`")
+    config.addinivalue_line("markers", "registry: the built-in backbones and MaskGIT-VQGAN through the whole path of "
+                                       "tests/test_bring_your_own.py; run with `python -m pytest -m registry tests`")
 
 
 def pytest_collection_modifyitems(config, items):

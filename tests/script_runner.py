@@ -5,7 +5,9 @@ A child runs the script's real `__main__` path (`runpy` with run_name "__main__"
 working folder, stdout and stderr, and ends the way the interpreter ends a script: status 0, the code of a
 `SystemExit`, or the traceback and status 1 of an uncaught exception. A plain interpreter start costs ~3.5 s of
 imports here; a fork, milliseconds. `faults` (see tests/faults.py) are installed in the child before the script
-starts: that is how a campaign kills a run at a chosen point.
+starts: that is how a campaign kills a run at a chosen point. `imports` (module files) are imported in the child
+first: that is how a test adds a tokenizer or a backbone of its own to the registries, as a module in the package
+would.
 """
 
 from __future__ import annotations
@@ -44,11 +46,11 @@ class ScriptServer:
         self.folder = tempfile.mkdtemp(prefix="script_runner_")
 
     def run(self, argv: Sequence[str], env: Optional[dict] = None, cwd=ROOT, faults: Sequence[dict] = (),
-            timeout: float = 120) -> Result:
+            timeout: float = 120, imports: Sequence[str] = ()) -> Result:
         """`argv` as after `python`: ["scripts/train_rear.py", "config=..."] or ["-m", "evaluator", ...]."""
         out, err = os.path.join(self.folder, "stdout"), os.path.join(self.folder, "stderr")
         request = {"argv": [str(a) for a in argv], "env": env or {}, "cwd": str(cwd), "stdout": out, "stderr": err,
-                   "faults": list(faults)}
+                   "faults": list(faults), "imports": [str(path) for path in imports]}
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         pid = json.loads(self.process.stdout.readline())["pid"]
@@ -103,6 +105,7 @@ def _serve() -> None:
 
 def _child(request: dict) -> None:
     import atexit
+    import importlib.util
     import runpy
 
     os.chdir(request["cwd"])
@@ -115,6 +118,10 @@ def _child(request: dict) -> None:
     argv = request["argv"]
     code = 0
     try:
+        for path in request["imports"]:
+            spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+            sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
         if request["faults"]:
             import faults
 

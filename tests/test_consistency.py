@@ -280,19 +280,21 @@ def test_consistency_command_end_to_end(tmp_path, level_checkpoint, capsys):
     reference[reference == 7] = 6  # dataset tokens the tokenizer itself would produce
     write_jsonl(tmp_path / "held_out.jsonl", reference, np.arange(6))
     argv = [str(tmp_path / "samples.npz"), f"config={TOY_CONFIG}", *LEVEL_CONFIG,
-            f"experiment.tokenizer_checkpoint={level_checkpoint}", "--reference", str(tmp_path / "held_out.jsonl"),
-            "--batch-size", "3", "--device", "cpu"]
+            f"experiment.tokenizer_checkpoint={level_checkpoint}", f"experiment.output_dir={tmp_path / 'run'}",
+            "--reference", str(tmp_path / "held_out.jsonl"), "--batch-size", "3", "--device", "cpu"]
     assert command(consistency, argv) == 0
-    results = json.loads((tmp_path / "samples.consistency.json").read_text())
+    results = json.loads((tmp_path / "run" / "consistency.json").read_text())
     expected = 1 - (tokens == 7).mean()
     assert (tokens == 7).any() and results["generated"]["token_match"]["mean"] == pytest.approx(expected, abs=1e-12)
     assert results["dataset"]["token_match"]["mean"] == 1.0 and results["dataset"]["num_sequences"] == 6
     assert results["gap"]["token_match"] == pytest.approx(1 - expected, abs=1e-12)
     assert results["gap"]["codebook_distance"] == 0.0  # codes 6 and 7 are the same vector
     assert results["tokenizer"] == "toy" and results["image_bits"] == 8
-    with Image.open(tmp_path / "samples.consistency.png") as png:
+    with Image.open(tmp_path / "run" / "consistency.png") as png:
         assert png.format == "PNG" and png.size[0] > 2 * png.size[1]
-    assert f"{expected:.4f} of tokens come back" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{expected:.4f} of tokens come back" in printed
+    assert f"token match {1 - expected:+.4f}, codebook distance +0.0000" in printed
 
     assert command(consistency, [*argv, "--limit", "4", "--output", str(tmp_path / "four")]) == 0
     four = json.loads((tmp_path / "four.json").read_text())
@@ -316,6 +318,16 @@ def test_consistency_command_errors_are_one_line(tmp_path, level_checkpoint, cap
         assert command(consistency, argv) == status
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_call_without_weights_fails_before_reading_the_token_files(tmp_path, capsys):
+    """The toy tokenizer has no weights outside its run: one line, and no cache made of the held-out file."""
+    write_jsonl(tmp_path / "held_out.jsonl", random_tokens(4, 16, 16), np.arange(4))
+    argv = [str(tmp_path / "held_out.jsonl"), f"config={TOY_CONFIG}", *LEVEL_CONFIG, "--reference",
+            str(tmp_path / "held_out.jsonl"), f"experiment.output_dir={tmp_path / 'run'}"]
+    assert command(consistency, argv) == 1
+    assert "the 'toy' tokenizer has no weights" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["held_out.jsonl"]
 
 
 def test_help_lists_flags_and_config_keys(capsys):

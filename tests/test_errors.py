@@ -3,8 +3,8 @@ command line or configuration and 1 for the rest, no traceback, and nothing left
 `--debug` (or REAR_DEBUG=1) shows the traceback, and a bug of ours keeps its traceback.
 
 The scripts run as the user runs them (their `__main__`, each in its own process: tests/script_runner.py). ROWS is
-the table of the README's "What you see when something is wrong"; "…" in a line stands for text that varies (a
-process id, a file size, a library's wording).
+the table of docs/reliability.md, "What you see when something is wrong"; "…" in a line stands for text that varies
+(a process id, a file size, a library's wording).
 """
 
 import fnmatch
@@ -116,6 +116,14 @@ ROWS = [
     Row("train: argument without '='", TOY + " training", 2,
         "command-line argument 'training' is not of the form key.sub=value (or config=FILE.yaml)"),
     Row("train: unknown flag", TOY + " --frobnicate", 2, "unknown flag --frobnicate (see --help)"),
+    Row("train: mask noise on a backbone without a mask token",
+        TOY + " model.generator.backbone=gpt1d model.generator.perturb_mode=mask", 2,
+        "'model.generator.perturb_mode' is 'mask', but the 'gpt1d' backbone has no mask token (its token table holds "
+        "the V image tokens only, as its released weights do); use 'switch'"),
+    Row("train: a fitted tokenizer without the toy data", TINY + " model.vq_model.model_type=toy "
+        "experiment.tokenizer_checkpoint=null model.vq_model.num_latent_tokens=16", 2,
+        "the 'toy' tokenizer is fitted on the toy images at start-up: with dataset.name=imagenet give it weights "
+        "(experiment.tokenizer_checkpoint=PATH)"),
     Row("sample: no generator checkpoint", SAMPLE + " experiment.generator_checkpoint=", 2,
         "set experiment.generator_checkpoint=PATH (a local file or a released name, e.g. reAR-S.safetensors)"),
     Row("sample: sample count not a multiple of the classes", SAMPLE + " sampling.num_samples=7", 2,
@@ -287,12 +295,13 @@ ROWS = [
         "the disk is full: could not save checkpoint {O}/run/checkpoints/checkpoint-00000002 ([Errno 28] No space "
         "left on device: '{O}/run/checkpoints/checkpoint-00000002.tmp-save/model.safetensors'); the earlier "
         "checkpoints are intact: free some space and rerun to resume",
-        faults=({"target": "utils.training.resume:save_file", "action": "enospc"},), left=("run", "run/config.yaml",
-                                                                                           "run/checkpoints")),
+        faults=({"target": "utils.training.resume:save_file", "action": "enospc", "match": "checkpoint"},),
+        left=("run", "run/config.yaml", "run/tokenizer.safetensors", "run/checkpoints")),
     Row("train: file-size limit while saving (a real failed write)", TOY, 1,
         "the disk is full: could not save checkpoint {O}/run/checkpoints/checkpoint-00000002 (…File too large…); "
         "the earlier checkpoints are intact: free some space and rerun to resume",
-        faults=({"fsize_limit": 50_000},), left=("run", "run/config.yaml", "run/checkpoints")),
+        faults=({"fsize_limit": 50_000},),
+        left=("run", "run/config.yaml", "run/tokenizer.safetensors", "run/checkpoints")),
     Row("sample: disk full while writing a shard", SAMPLE, 1,
         "the disk is full: could not write {O}/samples/shards/batch_000001.npz ([Errno 28] No space left on device: "
         "'{O}/samples/shards/batch_000001.npz.tmp-…'); free some space and rerun",
@@ -468,7 +477,25 @@ ENTRY_POINTS = {
     "scripts/guidance_search.py": ("sampling", "experiment.generator_checkpoint"),
     "-m evaluator.reconstruction": ("model.vq_model.model_type", "experiment.tokenizer_checkpoint"),
     "-m evaluator.report": ("experiment.generator_checkpoint", "model.generator.backbone"),
+    "-m evaluator.toy": ("dataset.toy",),
 }
+
+
+def test_every_entry_point_has_its_help_tested():
+    scripts = {f"scripts/{path.name}" for path in (ROOT / "scripts").glob("*.py")}
+    modules = {f"-m evaluator{'' if path.stem == '__main__' else '.' + path.stem}"
+               for path in (ROOT / "evaluator").glob("*.py") if "\nSCRIPT = Script(" in path.read_text()
+               or path.stem == "__main__"}
+    assert scripts | modules == set(ENTRY_POINTS)
+
+
+@pytest.mark.parametrize("script", sorted(path.name for path in (ROOT / "scripts_bash").glob("*.sh")))
+def test_bash_scripts_print_their_usage(script):
+    result = subprocess.run(["bash", f"scripts_bash/{script}", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("usage: ") and script in result.stdout.splitlines()[0]
+    assert "example:" in result.stdout and "set -" not in result.stdout and "$(" not in result.stdout
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)

@@ -67,6 +67,73 @@ def test_the_import_check_catches_a_backward_import(tmp_path):
         "modeling", "utils.data.toy")
 
 
+# ----------------------------------------------------------------------------------------- the sampling files
+# The per-token primitives (modeling/next_token.py) are a leaf that the loop (generator.py), the fast sampler, the
+# call site (sampler.py) and the backbones all use; none of these files imports another in a cycle.
+SAMPLING_FILES = ["modeling/next_token.py", "modeling/sampler.py", "modeling/fast_sampler.py", "modeling/generator.py",
+                  "modeling/rear.py", "modeling/objective.py",
+                  *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "modeling" / "backbones").glob("[!_]*.py"))]
+
+
+def module_of(path: str) -> str:
+    return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+
+def imported_modules(root: Path, path: str) -> set:
+    """The project modules a file imports (function-level imports included), relative imports resolved; an imported
+    name that is itself a module (`from modeling import sampler`) counts as that module."""
+    package = module_of(path).rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse((root / path).read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join([*parts[: len(parts) - node.level + 1], *filter(None, [base])])
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}
+    return {name for name in found if (root / (name.replace(".", "/") + ".py")).is_file()}
+
+
+def import_cycles(root: Path, files) -> list:
+    """Cycles of imports among `files` (module paths relative to `root`), each as the list of its modules."""
+    modules = {module_of(f): f for f in files}
+    edges = {m: sorted(imported_modules(root, f) & modules.keys()) for m, f in modules.items()}
+    cycles, done = [], set()
+
+    def visit(module, path):
+        if module in path:
+            cycles.append(path[path.index(module):] + [module])
+            return
+        if module in done:
+            return
+        for target in edges[module]:
+            visit(target, path + [module])
+        done.add(module)
+
+    for module in modules:
+        visit(module, [])
+    return cycles
+
+
+def test_the_sampling_files_import_no_cycle_and_next_token_is_a_leaf():
+    assert import_cycles(ROOT, SAMPLING_FILES) == []
+    assert imported_modules(ROOT, "modeling/next_token.py") == {"utils.config"}  # and torch: no other modeling file
+    users = [f for f in SAMPLING_FILES if "modeling.next_token" in imported_modules(ROOT, f)]
+    assert {"modeling/sampler.py", "modeling/fast_sampler.py", "modeling/generator.py",
+            "modeling/backbones/gpt1d.py"} <= set(users)
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("from pkg.b import f\n")
+    (tmp_path / "pkg" / "b.py").write_text("def f():\n    from pkg import c\n")
+    (tmp_path / "pkg" / "c.py").write_text("from . import a\n")
+    assert import_cycles(tmp_path, ["pkg/a.py", "pkg/b.py", "pkg/c.py"]) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]
+
+
 # ----------------------------------------------------------------------------------------- choices at start-up
 def literal_keys():
     """(dotted key, allowed values) of every schema key typed as a fixed set of values."""

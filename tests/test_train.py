@@ -169,3 +169,42 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path):
         run(tmp_path, "training.max_train_steps=2", "experiment.resume=False")
     after = load_file(tmp_path / "checkpoints/checkpoint-00000001/model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class Recorder:
+    """What describe_run reads of an accelerator: the process count and device; what it prints."""
+
+    def __init__(self, processes):
+        self.num_processes, self.device, self.lines = processes, torch.device("cpu"), []
+
+    def print(self, text):
+        self.lines.append(text)
+
+
+REAR_LOSS = "The loss is CE + 1 x (encode + decode alignment), each alignment term a mean of -cos, so it can be negative."
+
+
+@pytest.mark.parametrize("overrides, processes, method, rest", [
+    (["model.generator.perturb_mode=none", "model.generator.transition_alignment=False"], 1, "plain AR",
+     "1 process on cpu, global batch 8, 40 steps, fp32. The loss is the cross-entropy (CE)."),
+    ([], 2, "noisy context (switch), alignment (encode + decode)",
+     "2 processes on cpu, global batch 16, 40 steps, fp32. " + REAR_LOSS),
+    (["model.generator.decode_align=False", "training.mixed_precision=bf16", "model.generator.perturb_mode=mask"], 1,
+     "noisy context (mask), alignment (encode)", "1 process on cpu, global batch 8, 40 steps, bf16 autocast. The loss "
+     "is CE + 1 x (encode alignment), the alignment term a mean of -cos, so it can be negative."),
+    (["model.generator.encode_align=False", "model.generator.transition_alignment_weight=0.5",
+      "training.stop_steps=10", "model.generator.order=random", "model.generator.perturb_mode=none"], 3,
+     "alignment (decode), RAR order", "3 processes on cpu, global batch 24, stopping at step 10 of a 40-step "
+     "schedule, fp32. The loss is CE + 0.5 x (decode alignment), the alignment term a mean of -cos, so it can be "
+     "negative."),
+], ids=["plain AR", "reAR, 2 processes", "EN only, bf16", "DE only, RAR, stop_steps"])
+def test_the_start_up_lines_describe_the_run(overrides, processes, method, rest):
+    config = load_config(str(ROOT / "configs" / "rear_tiny.yaml"), ["experiment.max_train_examples=256", *overrides])
+    generator = ReAR(config)
+    recorder = Recorder(processes)
+    train_rear.describe_run(recorder, config, list(range(256)), generator)
+    assert recorder.lines == [
+        f"training rar: {generator.num_parameters() / 1e6:.1f}M parameters, {method}; {rest}",
+        "data: 256 sequences; an 'epoch' in the logs is experiment.max_train_examples = 256 samples, so one pass "
+        "over the data is 1 epoch (ten-crop pre-tokenized ImageNet: 10 epochs a pass)",
+    ]

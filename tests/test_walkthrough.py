@@ -35,16 +35,17 @@ def test_toy_run_then_its_printed_sample_and_score_commands(tmp_path):
     trained = python(f"python scripts/train_rear.py config=configs/rear_toy.yaml experiment.output_dir={run}", *TINY)
     lines = trained.stdout.splitlines()
     sample_command, score_command = (line.strip() for line in lines[lines.index(
-        "next: sample the 50k sampler's way, then score the samples:") + 1:][:2])
+        "next: sample the 50k sampler's way, then score the samples (the run's config names its weights):") + 1:][:2])
     assert sample_command.startswith("python scripts/sample_imagenet_rear.py") and score_command.startswith(
         "python -m evaluator.toy")
     python(sample_command, "sampling.num_samples=100", "sampling.per_proc_batch_size=50")
-    with np.load(f"{run}_samples.npz") as npz:
+    with np.load(f"{run}/eval_samples.npz") as npz:
         assert npz["arr_0"].shape == (100, 32, 32, 3) and np.array_equal(npz["labels"], np.arange(100) // 10)
     scored = python(score_command, "--json", str(tmp_path / "score.json"))
     share = float(scored.stdout.split("toy classifier: ")[1].split(" of 100")[0])
     assert 0.0 <= share <= 1.0 and "(chance 0.10)" in scored.stdout
-    refused = subprocess.run([sys.executable, "-m", "evaluator.toy", f"{run}_samples.npz", f"config={run}/config.yaml",
+    refused = subprocess.run([sys.executable, "-m", "evaluator.toy", f"{run}/eval_samples.npz",
+                              f"config={run}/config.yaml",
                               "--inception-weights", str(tmp_path / "none.pth")],
                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and refused.stderr.startswith("error: FID needs ≥ 2048 samples (got 100 in ")

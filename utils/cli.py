@@ -64,7 +64,7 @@ def help_text(script: Script) -> str:
         rows = [(key, default, text) for key, default, text in schema_fields()
                 if any(key == s or key.startswith(s + ".") for s in script.sections)]
         width = max(len(f"{key}={default}") for key, default, _ in rows)
-        lines += ["", "main config keys (key=default; any schema key can be set, see README 'Configuration'):"]
+        lines += ["", "main config keys (key=default; any schema key can be set, see docs/configuration.md):"]
         lines += [f"  {f'{key}={default}':<{width}}  {text}" for key, default, text in rows]
     lines += ["", "  --debug  show the full traceback of an error (or set REAR_DEBUG=1)", *script.notes]
     return "\n".join(lines)

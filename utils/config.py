@@ -9,11 +9,12 @@ dotted name. Keys whose choices live in a registry (`model.vq_model.model_type`,
 
 The original reAR / RAR YAML files load unchanged and mean what they meant: every key they use is here, and a key
 they leave out defaults to what the original code did without it (e.g. no noisy context, no alignment). Keys the
-original code never acted on are accepted and marked `unused` (the README lists them).
+original code never acted on are accepted and marked `unused` (docs/configuration.md lists them).
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import typing
@@ -45,7 +46,8 @@ class ExperimentConfig:
     project: str = option("rear", "project name (tracker project)")
     name: str = option("rear", "run name (tracker run)")
     entity: Optional[str] = option(None, "wandb entity (team or user) the run is logged under")
-    output_dir: str = option("runs/rear", "where checkpoints, samples and final weights go (sampling: DIR -> DIR.npz)")
+    output_dir: str = option("runs/rear", "where checkpoints, samples and final weights go (sampling: DIR -> DIR.npz; "
+                                             "a run folder -> RUN/eval_samples.npz)")
     logging_dir: Optional[str] = option(None, "TensorBoard folder (default OUTPUT_DIR/logs)")
     tracker: Literal["wandb", "tensorboard", "swanlab", "none"] = option(
         "tensorboard", "where metrics go; training.enable_wandb / enable_swanlab override it as in the original"
@@ -162,7 +164,7 @@ class GeneratorConfig:
     decode_align_layer_idx: int = option(15, "block whose output the decode head reads")
     projection_dim: int = option(2048, "hidden width of the alignment heads")
     z_dim: Optional[int] = option(None, "alignment heads' output width (default: model.vq_model.token_size)")
-    # guidance as the backbone's original sampler does it (modeling.sampler.generate)
+    # guidance as the backbone's original sampler does it (modeling.generator.Generator.generate)
     guidance_schedule: Optional[str] = option(
         None, "cosine_power (RAR, AliTok) | constant | linear | linear_re | triangular | rectangular | step "
         "(GigaTok, ReTok); default: the backbone's own (rar, alitok_ar: cosine_power; gpt1d: constant)")
@@ -422,7 +424,167 @@ def _load_yaml(path: str) -> DictConfig:
         raise ConfigError(f"config file {path}{line} is not valid YAML: {problem}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file {path} does not hold a mapping of sections (experiment:, model:, ...)")
+    return _paths_from_file(loaded, os.path.dirname(path))
+
+
+# ----------------------------------------------------------------------------------------- paths in a file
+# Keys that name a file or a folder. In a YAML file, such a value that is `.` or starts with `./` or `../` is
+# relative to the file's folder (on the command line, as anywhere else, paths are relative to the working folder).
+# A run's config.yaml names its own folder and weights that way, so that the folder can be moved or copied.
+PATH_KEYS = (
+    "experiment.output_dir",
+    "experiment.logging_dir",
+    "experiment.init_weight",
+    "experiment.generator_checkpoint",
+    "experiment.tokenizer_checkpoint",
+    "model.vq_model.pretrained_tokenizer_weight",
+    "dataset.params.pretokenization",
+    "dataset.params.pretokenized_cache_dir",
+)
+
+
+def _relative_to_file(value: Any) -> bool:
+    return isinstance(value, str) and (value in (".", "..") or value.startswith(("./", "../")))
+
+
+def _paths_from_file(loaded: DictConfig, folder: str) -> DictConfig:
+    for key in PATH_KEYS:
+        value = OmegaConf.select(loaded, key, default=None)
+        if _relative_to_file(value):
+            OmegaConf.update(loaded, key, os.path.normpath(os.path.join(folder, value)))
     return loaded
+
+
+def paths_for_folder(config: DictConfig, folder: str) -> DictConfig:
+    """A copy of `config` as a YAML file in `folder` names its paths: those inside `folder` as `./...` (the folder
+    itself as `.`), other local files and folders absolute, anything else (a released file's name) unchanged.
+    `load_config` of that file gives back the same files, wherever the folder has moved."""
+    recorded = copy.deepcopy(config)
+    base = os.path.abspath(folder)
+    for key in PATH_KEYS:
+        value = OmegaConf.select(config, key)
+        if not value:
+            continue
+        full = os.path.abspath(value)
+        if full == base or full.startswith(base + os.sep):
+            inside = os.path.relpath(full, base)
+            OmegaConf.update(recorded, key, "." if inside == "." else f"./{inside}")
+        elif os.path.exists(value):
+            OmegaConf.update(recorded, key, full)
+    return recorded
+
+
+# ----------------------------------------------------------------------------------------- what a run is
+# Training into a folder that holds a run continues that run, so the settings that make the model what it is must be
+# those its config.yaml records (utils/training/run_record.py refuses others, naming each); the others may change
+# on a resume. Every key is in exactly one of the two lists, by its dotted name or its section's: a new key must be
+# put in one (tests/test_config.py fails until it is).
+MODEL_SETTINGS = (  # the architecture and the tokenizer, the objective, the data, the optimizer and its schedule
+    "model.vq_model",
+    "model.generator.backbone",
+    "model.generator.hidden_size",
+    "model.generator.num_hidden_layers",
+    "model.generator.num_attention_heads",
+    "model.generator.intermediate_size",
+    "model.generator.dropout",
+    "model.generator.attn_drop",
+    "model.generator.class_label_dropout",
+    "model.generator.image_seq_len",
+    "model.generator.condition_num_classes",
+    "model.generator.randomness_anneal_start",
+    "model.generator.randomness_anneal_end",
+    "model.generator.perturb_mode",
+    "model.generator.order",
+    "model.generator.transition_alignment",
+    "model.generator.transition_alignment_weight",
+    "model.generator.encode_align",
+    "model.generator.decode_align",
+    "model.generator.encode_align_layer_idx",
+    "model.generator.decode_align_layer_idx",
+    "model.generator.projection_dim",
+    "model.generator.z_dim",
+    "model.generator.tok_dropout",
+    "model.generator.gpt_model",
+    "model.generator.drop_path_rate",
+    "model.generator.use_qk_norm",
+    "model.generator.use_adaLN",
+    "model.generator.use_simple_adaLN",
+    "experiment.init_weight",
+    "experiment.tokenizer_checkpoint",
+    "dataset.name",
+    "dataset.params.pretokenization",
+    "dataset.params.train_shards_path_or_url",
+    "dataset.params.shuffle_buffer_size",
+    "dataset.preprocessing",
+    "dataset.toy",
+    "optimizer",
+    "lr_scheduler",
+    "training.global_batch_size",
+    "training.mixed_precision",
+    "training.enable_tf32",
+    "training.use_ema",
+    "training.ema_decay",
+    "training.seed",
+    "training.max_grad_norm",
+)
+RESUMABLE_SETTINGS = (  # how long to train, where and how often it is logged and saved, how samples are drawn
+    "experiment.project",
+    "experiment.name",
+    "experiment.entity",
+    "experiment.output_dir",
+    "experiment.logging_dir",
+    "experiment.tracker",
+    "experiment.max_train_examples",
+    "experiment.save_every",
+    "experiment.save_every_minutes",
+    "experiment.eval_every",
+    "experiment.generate_every",
+    "experiment.log_every",
+    "experiment.log_grad_norm_every",
+    "experiment.keep_last_checkpoints",
+    "experiment.resume",
+    "experiment.generator_checkpoint",
+    "model.generator.randomize_temperature",
+    "model.generator.guidance_scale",
+    "model.generator.guidance_scale_pow",
+    "model.generator.kv_cache",
+    "model.generator.use_checkpoint",
+    "model.generator.guidance_schedule",
+    "model.generator.guidance_window",
+    "model.generator.cfg_interval",
+    "model.generator.seed",
+    "dataset.params.pretokenized_cache_dir",
+    "dataset.params.eval_shards_path_or_url",
+    "dataset.params.num_workers_per_gpu",
+    "dataset.params.pin_memory",
+    "dataset.params.persistent_workers",
+    # how the global batch is split over processes and micro-batches (e.g. a smaller one after running out of
+    # memory); a resume at another global batch is warned about (scripts/train_rear.py, warn_if_global_batch_changed)
+    "training.gradient_accumulation_steps",
+    "training.per_gpu_batch_size",
+    "training.enable_wandb",
+    "training.enable_swanlab",
+    "training.max_train_steps",
+    "training.stop_steps",
+    "training.num_generated_images",
+    "training.compile",
+    "sampling",
+)
+
+
+def settings_entries(key: str) -> List[str]:
+    """The entries of MODEL_SETTINGS and RESUMABLE_SETTINGS that classify `key` (exactly one, for a schema key)."""
+    return [entry for entry in MODEL_SETTINGS + RESUMABLE_SETTINGS if key == entry or key.startswith(entry + ".")]
+
+
+def model_settings(config: DictConfig) -> Dict[str, Any]:
+    """{dotted key: plain value} of the settings that make the model what it is (MODEL_SETTINGS)."""
+    values = {}
+    for key in _VALID_KEYS:
+        if settings_entries(key)[0] in MODEL_SETTINGS:
+            value = OmegaConf.select(config, key)
+            values[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return values
 
 
 # ----------------------------------------------------------------------------------------- the start-up check
@@ -500,8 +662,8 @@ def check(config: DictConfig, source: str = "the config") -> DictConfig:
     return config
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Schema defaults, then the YAML file at `path`, then `overrides` (["a.b=c", ...]); checked."""
+def merged_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema defaults, then the YAML file at `path`, then `overrides` (["a.b=c", ...]), resolved; not checked."""
     config = OmegaConf.structured(ReARConfig)
     if path is not None:
         config = _merge(config, _load_yaml(path), path)
@@ -510,6 +672,12 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
         OmegaConf.resolve(config)
     except OmegaConfBaseException as err:
         raise _as_config_error(err, path or "the command line") from None
+    return config
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """`merged_config`, checked."""
+    config = merged_config(path, overrides)
     return check(config, f"{path} and the command line" if overrides and path else path or "the command line")
 
 
@@ -551,6 +719,9 @@ __all__ = [
     "closest_key",
     "config_from_cli",
     "load_config",
+    "merged_config",
+    "model_settings",
+    "paths_for_folder",
     "register_choice",
     "schema_fields",
     "split_cli",

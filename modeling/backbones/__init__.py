@@ -1,7 +1,8 @@
 """Autoregressive backbones, chosen by `model.generator.backbone`; reAR's method attaches to any of them.
 
 A backbone is a `modeling.generator.Generator` subclass built from the whole config. A new one is one module and
-one `@register_backbone(name)` line; `build_generator(config)` builds the configured one.
+one `@register_backbone(name)` line; `build_generator(config)` builds the configured one, after refusing settings
+the backbone cannot serve (RAR's random order, the mask token). The contract in full: docs/models.md.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def backbone_class(config) -> Type[Generator]:
     cls = BACKBONES[name]
     if config.model.generator.order == "random" and not cls.supports_orders:
         raise ConfigError(f"'model.generator.order' is 'random' (RAR), which the '{name}' backbone does not support")
+    if config.model.generator.perturb_mode == "mask" and not cls.has_mask_token:
+        raise ConfigError(f"'model.generator.perturb_mode' is 'mask', but the '{name}' backbone has no mask token (its "
+                          "token table holds the V image tokens only, as its released weights do); use 'switch'")
     return cls
 
 

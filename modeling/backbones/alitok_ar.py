@@ -18,7 +18,7 @@ The rotary table gives each kind of position its own geometry (d = head dim):
   φ_k = 10000^(-2k/(d/2)), k < d/4: rows and columns go on counting after the 17 prefix positions.
 The layout is fixed whatever `image_seq_len` is: a shorter sequence uses the first rows of the table, as the original.
 
-Its sampler is RAR's (`modeling.sampler.generate` with the cosine_power schedule and RAR's one leading uniform draw
+Its sampler is RAR's (`Generator.generate` with the cosine_power schedule and RAR's one leading uniform draw
 per sample); its KV cache is correct, so cached and uncached sampling draw the same tokens.
 """
 
@@ -115,6 +115,7 @@ class AliTokAR(Generator):
     `alitok_{b,l,xl}.bin` (plain state dicts)."""
 
     prefix_len = 1  # position 1+i reads tok_i: the class token comes first
+    has_mask_token = True  # row V of `embeddings`, unused by the original
     draws_before_sampling = True  # its sampler is RAR's
 
     def __init__(self, config):

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from modeling.generator import Generator
 from modeling.rear import KVCache, causal_attention, modulate
-from modeling.sampler import Guidance, register_guidance_schedule
+from modeling.next_token import Guidance, register_guidance_schedule
 from utils.config import validate
 from utils.errors import ConfigError
 

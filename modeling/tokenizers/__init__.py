@@ -4,8 +4,10 @@ A tokenizer is a frozen module with `encode(images in [0, 1]) -> (B, N)`, `decod
 `get_quantized_states(tokens) -> (B, N, token_size)` (the codebook vectors reAR's alignment heads are trained
 towards) and the properties `codebook_size`, `token_size`, `num_tokens` and `image_size`. A new one is one module
 and one `@register_tokenizer(name)` line: `builder(config, checkpoint)` gets the whole config and the weights file
-to load (or None: random weights) and returns the tokenizer. A tokenizer that is fitted rather than loaded (the toy
-one) says so with `needs_fit` and is fitted on the images `build_tokenizer` is given.
+to load, or None, and returns the tokenizer. What None means, its registration says: random weights (which
+`build_tokenizer` refuses outside tests), or, with `fitted=True`, a tokenizer to fit: it has `needs_fit` set and a
+`fit(images, iterations, seed)` method, and training fits it on the toy images at start-up (the toy tokenizer).
+Its images are the data's: `data_image_size(config)`. The contract in full: docs/models.md.
 
 Two optional attributes say how a tokenizer differs from the default, for the pipeline around it:
 - `decodes_prefixes = True`: it decodes any first k of its N tokens (ReTok), so a generator may model only those;
@@ -42,6 +44,7 @@ TokenizerBuilder = Callable[[object, Optional[str]], nn.Module]
 TOKENIZERS: Dict[str, TokenizerBuilder] = {}
 RELEASED_WEIGHTS: Dict[str, str] = {}  # the weights a tokenizer loads when the config names none
 PREFIX_TOKENIZERS: Set[str] = set()  # tokenizers that decode any first k of their tokens (ReTok)
+FITTED_TOKENIZERS: Set[str] = set()  # tokenizers fitted at start-up when no weights are named (the toy one)
 # The sizes an original fixes in its code rather than its YAML, which `model.vq_model.architecture` may set.
 ARCHITECTURE_KEYS = {
     "alitok": tuple(f.name for f in fields(AliTokConfig)
@@ -50,10 +53,11 @@ ARCHITECTURE_KEYS = {
 }
 
 
-def register_tokenizer(name: str, *aliases: str, released: Optional[str] = None,
-                       decodes_prefixes: bool = False) -> Callable[[TokenizerBuilder], TokenizerBuilder]:
+def register_tokenizer(name: str, *aliases: str, released: Optional[str] = None, decodes_prefixes: bool = False,
+                       fitted: bool = False) -> Callable[[TokenizerBuilder], TokenizerBuilder]:
     """Register `builder` under `name` (and the original configs' other names for it, `aliases`); `released` is the
-    published weights file used when the config gives none; `decodes_prefixes`: any first k of its tokens decode."""
+    published weights file used when the config gives none; `decodes_prefixes`: any first k of its tokens decode;
+    `fitted`: without weights it is fitted on images at start-up, rather than random."""
 
     def register(builder: TokenizerBuilder) -> TokenizerBuilder:
         if name in TOKENIZERS:
@@ -63,6 +67,8 @@ def register_tokenizer(name: str, *aliases: str, released: Optional[str] = None,
             RELEASED_WEIGHTS[name] = released
         if decodes_prefixes:
             PREFIX_TOKENIZERS.add(name)
+        if fitted:
+            FITTED_TOKENIZERS.add(name)
         for key in (name, *aliases):
             register_choice("model.vq_model.model_type", key, canonical=name)
         return builder
@@ -70,25 +76,31 @@ def register_tokenizer(name: str, *aliases: str, released: Optional[str] = None,
     return register
 
 
+def data_image_size(config) -> int:
+    """The size of the images the tokenizer is given: the toy set's `dataset.toy.image_size`, else
+    `dataset.preprocessing.crop_size`."""
+    return config.dataset.toy.image_size if config.dataset.name == "toy" else config.dataset.preprocessing.crop_size
+
+
 @register_tokenizer("maskgit_vqgan", "maskgitvq", released="maskgit-vqgan-imagenet-f16-256.bin")
 def build_maskgit_vqgan(config, checkpoint: Optional[str]) -> nn.Module:
     """The released f16 architecture (or the one the weights' shapes describe); random weights without a checkpoint."""
-    resolution = config.dataset.preprocessing.crop_size
+    resolution = data_image_size(config)
     if checkpoint:
         return MaskGITVQGAN.from_pretrained(checkpoint, resolution=resolution)
     return MaskGITVQGAN({"resolution": resolution})
 
 
-@register_tokenizer("toy")
+@register_tokenizer("toy", fitted=True)
 def build_toy_tokenizer(config, checkpoint: Optional[str]) -> nn.Module:
     """Patch k-means on the built-in toy images, loaded from `checkpoint` or fitted by training (`needs_fit`).
     Patch size = image size / sqrt(num_latent_tokens)."""
-    vq, size = config.model.vq_model, config.dataset.toy.image_size
+    vq, size = config.model.vq_model, data_image_size(config)
     side = math.isqrt(vq.num_latent_tokens)
     if side * side != vq.num_latent_tokens or size % side:
         raise ConfigError(
             f"'model.vq_model.num_latent_tokens' ({vq.num_latent_tokens}) must be a square whose side divides "
-            f"'dataset.toy.image_size' ({size})"
+            f"the image size ({size})"
         )
     tokenizer = PatchKMeansTokenizer(vq.codebook_size, size // side, size)
     if checkpoint:
@@ -99,8 +111,8 @@ def build_toy_tokenizer(config, checkpoint: Optional[str]) -> nn.Module:
 
 @register_tokenizer("titok")
 def build_titok(config, checkpoint: Optional[str]) -> nn.Module:
-    """TiTok as `model.vq_model` describes it (the original YAML's keys), at `dataset.preprocessing.crop_size`."""
-    architecture = titok_config(config.model.vq_model, config.dataset.preprocessing.crop_size)
+    """TiTok as `model.vq_model` describes it (the original YAML's keys), at the data's image size."""
+    architecture = titok_config(config.model.vq_model, data_image_size(config))
     return TiTok.from_pretrained(checkpoint, architecture) if checkpoint else TiTok(architecture)
 
 
@@ -111,16 +123,16 @@ def build_vqgan_plus(config, checkpoint: Optional[str]) -> nn.Module:
     if vq.quantizer_type != "lookup":
         raise ConfigError(f"'model.vq_model.quantizer_type' is '{vq.quantizer_type}': VQGAN+ needs 'lookup' "
                           "(MaskBit's 'lookup-free' tokenizer is another model)")
-    architecture, size = {key: vq[key] for key in VQGAN_PLUS_CONFIG}, config.dataset.preprocessing.crop_size
+    architecture, size = {key: vq[key] for key in VQGAN_PLUS_CONFIG}, data_image_size(config)
     return VQGANPlus.from_pretrained(checkpoint, architecture, size) if checkpoint else VQGANPlus(architecture, size)
 
 
 @register_tokenizer("alitok")
 def build_alitok(config, checkpoint: Optional[str]) -> nn.Module:
     """AliTok's released architecture with `model.vq_model.{codebook_size, token_size, num_latent_tokens}` (4096, 32,
-    273 = 17 prefix + 256 in its YAML) at `dataset.preprocessing.crop_size`; the original fixes the rest in code
+    273 = 17 prefix + 256 in its YAML) at the data's image size; the original fixes the rest in code
     (`model.vq_model.architecture` may set it)."""
-    vq, image_size = config.model.vq_model, config.dataset.preprocessing.crop_size
+    vq, image_size = config.model.vq_model, data_image_size(config)
     architecture = AliTokConfig(codebook_size=vq.codebook_size, token_size=vq.token_size,
                                 num_latent_tokens=vq.num_latent_tokens, image_size=image_size,
                                 **architecture_sizes(config, "alitok"))
@@ -130,8 +142,8 @@ def build_alitok(config, checkpoint: Optional[str]) -> nn.Module:
 @register_tokenizer("retok", decodes_prefixes=True)
 def build_retok(config, checkpoint: Optional[str]) -> nn.Module:
     """ReTok, the architecture from the original init_args' keys in `model.vq_model` (VQ_SB256 released), at
-    `dataset.preprocessing.crop_size`."""
-    architecture = {**retok_config(config.model.vq_model), "image_size": config.dataset.preprocessing.crop_size,
+    the data's image size."""
+    architecture = {**retok_config(config.model.vq_model), "image_size": data_image_size(config),
                     **architecture_sizes(config, "retok")}
     return ReTok.from_pretrained(checkpoint, architecture) if checkpoint else ReTok(architecture)
 
@@ -144,7 +156,8 @@ def architecture_sizes(config, name: str) -> dict:
     if unknown:
         takes = f"it takes {', '.join(allowed)}" if allowed else "it takes none"
         raise ConfigError(f"'model.vq_model.architecture' sets {', '.join(unknown)}, not a size of the '{name}' "
-                          f"tokenizer ({takes}; the image size is 'dataset.preprocessing.crop_size')")
+                          f"tokenizer ({takes}; the image size is the data's: 'dataset.preprocessing.crop_size', "
+                          "or 'dataset.toy.image_size' on the toy set)")
     return sizes
 
 
@@ -183,24 +196,36 @@ def decodes_prefixes(config) -> bool:
     return canonical_choice(config, "model.vq_model.model_type") in PREFIX_TOKENIZERS
 
 
+def tokenizer_weights(config) -> Optional[str]:
+    """The weights the config names for its tokenizer: `experiment.tokenizer_checkpoint` if set, else
+    `model.vq_model.pretrained_tokenizer_weight`, else the tokenizer's released file (None: no weights)."""
+    vq = config.model.vq_model
+    name = canonical_choice(config, "model.vq_model.model_type")
+    return config.experiment.tokenizer_checkpoint or vq.pretrained_tokenizer_weight or RELEASED_WEIGHTS.get(name)
+
+
+def fits_tokenizer(config) -> bool:
+    """Whether the config's tokenizer is fitted at start-up: one registered `fitted`, with no weights named."""
+    return canonical_choice(config, "model.vq_model.model_type") in FITTED_TOKENIZERS and not tokenizer_weights(config)
+
+
 def build_tokenizer(config, fit_images: Optional[Tensor] = None, random_weights: bool = False) -> nn.Module:
     """The tokenizer named by `config.model.vq_model.model_type`, with its weights loaded (or fitted on
     `fit_images`), checked against the config.
 
-    Weights: `experiment.tokenizer_checkpoint` if set, else `model.vq_model.pretrained_tokenizer_weight`, else the
-    tokenizer's released file; each is a local path, the name of a published file (fetched from where it is
+    Weights (`tokenizer_weights`): a local path, the name of a published file (fetched from where it is
     published), or a folder of config.json + weights (local, or a Hub repo "owner/name"), passed on as is. With no
-    weights at all it is an error, unless `random_weights` (tests and speed measurements only).
+    weights at all it is an error, unless the tokenizer is registered `fitted` or `random_weights` is asked for
+    (tests and speed measurements only).
     """
     name = canonical_choice(config, "model.vq_model.model_type")
     if name not in TOKENIZERS:
         raise ConfigError(f"'model.vq_model.model_type' is '{name}', not one of {', '.join(sorted(TOKENIZERS))}")
     architecture_sizes(config, name)  # a size the tokenizer does not take fails before any file is read
-    vq = config.model.vq_model
-    checkpoint = config.experiment.tokenizer_checkpoint or vq.pretrained_tokenizer_weight or RELEASED_WEIGHTS.get(name)
-    if checkpoint is None and not random_weights and name != "toy":
+    checkpoint = tokenizer_weights(config)
+    if checkpoint is None and not random_weights and name not in FITTED_TOKENIZERS:
         raise MissingWeightsError(f"no weights for the '{name}' tokenizer: set experiment.tokenizer_checkpoint=PATH "
-                                  "(the released files and where they are published: README, Tokenizers)")
+                                  "(the released files and where they are published: docs/models.md)")
     if checkpoint and not is_model_folder(checkpoint):
         checkpoint = resolve_weights(checkpoint, local_option="experiment.tokenizer_checkpoint=PATH")
     tokenizer = TOKENIZERS[name](config, checkpoint)
@@ -208,7 +233,8 @@ def build_tokenizer(config, fit_images: Optional[Tensor] = None, random_weights:
         if fit_images is None:
             raise MissingWeightsError(
                 f"the '{name}' tokenizer has no weights: training fits it and saves OUTPUT_DIR/tokenizer.safetensors; "
-                "pass experiment.tokenizer_checkpoint=OUTPUT_DIR/tokenizer.safetensors"
+                "pass the run's config (config=OUTPUT_DIR/config.yaml, which names it) or "
+                "experiment.tokenizer_checkpoint=OUTPUT_DIR/tokenizer.safetensors"
             )
         tokenizer.fit(fit_images, iterations=15, seed=config.dataset.toy.seed)
     check_pairing(config, tokenizer)
@@ -216,4 +242,4 @@ def build_tokenizer(config, fit_images: Optional[Tensor] = None, random_weights:
 
 
 __all__ = ["TOKENIZERS", "AliTok", "MaskGITVQGAN", "ReTok", "TiTok", "VQGANPlus", "build_tokenizer", "check_pairing",
-           "decoded_to_uint8", "register_tokenizer"]
+           "data_image_size", "decoded_to_uint8", "fits_tokenizer", "register_tokenizer", "tokenizer_weights"]

@@ -8,6 +8,7 @@ asked for: the end-to-end check of the CPU training run.
 
 from __future__ import annotations
 
+import itertools
 from typing import Tuple
 
 import torch
@@ -102,10 +103,17 @@ class ToyClassifier:
         return (self.predict(images) == labels).float().mean().item()
 
 
+def module_device(module) -> torch.device:
+    """Where a module's tensors are: its parameters' or, for one whose state is all buffers, its buffers' (the CPU
+    for a module with neither)."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
 @torch.no_grad()
 def encode_images(tokenizer, images: Tensor, batch_size: int = 4096) -> Tensor:
     """Tokens (N, L) on the CPU of CPU images (N, 3, H, W), encoded in batches on the tokenizer's device."""
-    device = next(tokenizer.parameters()).device
+    device = module_device(tokenizer)
     return torch.cat([tokenizer.encode(chunk.to(device)).cpu() for chunk in images.split(batch_size)])
 
 
