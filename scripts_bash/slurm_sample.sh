@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
+# usage: sbatch [--nodes=N --gpus-per-node=G ...] scripts_bash/slurm_sample.sh CONFIG CHECKPOINT [key=value ...]
+#
 # Sample 50k class-balanced images on a SLURM cluster (any number of nodes and GPUs), through preemptions.
-#
-#   sbatch --nodes=2 --gpus-per-node=8 scripts_bash/slurm_sample.sh CONFIG CHECKPOINT [key=value ...]
-#   e.g. OUTPUT_DIR=/shared/samples/rear_s sbatch --nodes=2 --gpus-per-node=8 scripts_bash/slurm_sample.sh \
-#       configs/rear_s.yaml reAR-S.safetensors
-#
 # Submit from the repository's root (or set REAR_ROOT). Writes OUTPUT_DIR.npz (default runs/samples/<config name>),
 # the same bytes for any number of processes; then score it: python -m evaluator REF.npz OUTPUT_DIR.npz. A
 # preemption's SIGTERM (or SIGUSR1 from --signal before the time limit) ends each process after its batch in
 # progress, its shards kept; the job is requeued and continues. OUTPUT_DIR must be on a file system every node
 # shares (every process writes its shards there, the first one writes the .npz). See docs/cluster.md.
+#
+# example:
+#   OUTPUT_DIR=/shared/samples/rear_s sbatch --nodes=2 --gpus-per-node=8 scripts_bash/slurm_sample.sh \
+#       configs/rear_s.yaml reAR-S.safetensors
 #SBATCH --job-name=rear-sample
 #SBATCH --signal=USR1@120
 #SBATCH --requeue

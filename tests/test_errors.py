@@ -489,7 +489,17 @@ def test_every_entry_point_has_its_help_tested():
     assert scripts | modules == set(ENTRY_POINTS)
 
 
-@pytest.mark.parametrize("script", sorted(path.name for path in (ROOT / "scripts_bash").glob("*.sh")))
+BASH_SCRIPTS = sorted(p.name for p in (ROOT / "scripts_bash").glob("*.sh") if p.read_text().startswith("#!"))
+
+
+def test_bash_files_are_scripts_or_sourced_parts():
+    """A file without `#!` is a part the scripts source (it says so), not a command with a --help."""
+    parts = {p.name for p in (ROOT / "scripts_bash").glob("*.sh")} - set(BASH_SCRIPTS)
+    assert parts == {"slurm_tasks.sh", "train_options.sh"}
+    assert all((ROOT / "scripts_bash" / name).read_text().startswith("# Sourced by ") for name in parts)
+
+
+@pytest.mark.parametrize("script", BASH_SCRIPTS)
 def test_bash_scripts_print_their_usage(script):
     result = subprocess.run(["bash", f"scripts_bash/{script}", "--help"], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)
