@@ -26,7 +26,7 @@ from modeling.sampler import SamplingOptions, effective_precision, sample  # noq
 from modeling.tokenizers import decoded_to_uint8  # noqa: E402
 from utils.cli import Script, run  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
-from utils.fid_samples.run import class_labels, make_shards, merge_shards, npz_path, prepare_sample_dir  # noqa: E402
+from utils.fid_samples.run import make_shards, merge_shards, npz_path, prepare_sample_dir  # noqa: E402
 from utils.weights import describe_file  # noqa: E402
 
 SCRIPT = Script(
@@ -109,7 +109,6 @@ def main(config, flags=None) -> None:
     if not config.experiment.generator_checkpoint:
         raise UsageError("set experiment.generator_checkpoint=PATH (a local file or a released name, "
                          "e.g. reAR-S.safetensors)")
-    class_labels(s.num_samples, config.model.generator.condition_num_classes)  # a bad count fails before any work
     rank, world_size, device = setup_distributed()
     if device.type == "cuda":  # as the original sampler ran: fp32 with TF32 matmuls (bf16 is an opt-in)
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -17,8 +17,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig
 
-from utils.config import load_config, schema_fields, split_cli
-from utils.errors import OutputError, UsageError, UserError
+from utils.config import DOMAINS, load_config, schema_fields, split_cli
+from utils.errors import ConfigError, OutputError, UsageError, UserError
 from utils.files import is_disk_full
 
 DEBUG_ENV = "REAR_DEBUG"
@@ -61,10 +61,12 @@ def help_text(script: Script) -> str:
         body = script.flags.format_help().split("\n\n", 1)[1]  # without argparse's usage paragraph
         lines += ["  " + line for line in body.splitlines() if line.strip()]
     if script.sections:
-        rows = [(key, default, text) for key, default, text in schema_fields()
+        rows = [(key, default, text + (f" [{DOMAINS[key].text}]" if key in DOMAINS else ""))
+                for key, default, text in schema_fields()
                 if any(key == s or key.startswith(s + ".") for s in script.sections)]
         width = max(len(f"{key}={default}") for key, default, _ in rows)
-        lines += ["", "main config keys (key=default; any schema key can be set, see README 'Configuration'):"]
+        lines += ["", "main config keys (key=default  what it does [its domain]; any schema key can be set, see "
+                  "README 'Configuration'):"]
         lines += [f"  {f'{key}={default}':<{width}}  {text}" for key, default, text in rows]
     lines += ["", "  --debug  show the full traceback of an error (or set REAR_DEBUG=1)", *script.notes]
     return "\n".join(lines)
@@ -148,9 +150,10 @@ def one_line(err: BaseException) -> str:
 
 
 def report(err: UserError) -> int:
+    """`error: <message>` on stderr, one line (a config error: one line per problem it found)."""
     _close_progress_bars()
-    message = one_line(err)
-    print(f"error: {message}", file=sys.stderr)
+    for message in str(err).split("\n") if isinstance(err, ConfigError) else [one_line(err)]:
+        print(f"error: {message}", file=sys.stderr)
     return err.exit_code
 
 
