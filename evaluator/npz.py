@@ -34,7 +34,7 @@ class NpzImages:
                     self._header_size = stream.tell()
         except zipfile.BadZipFile:
             raise DataError(f"{self.path} is not an .npz file (not a zip archive)") from None
-        if dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3:
+        if dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3 or 0 in self.shape[1:3]:
             raise DataError(f"{self.path}: '{key}' must be uint8 images of shape (N, H, W, 3), "
                              f"got {dtype} {self.shape}")
         if self.shape[0] < 2:

@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)  # run from a clone, uninstalled
 from modeling import build_tokenizer, load_generator  # noqa: E402
 from modeling.sampler import SamplingOptions, sample_images  # noqa: E402
 from modeling.tokenizers import RELEASED_WEIGHTS, decoded_to_uint8  # noqa: E402
-from utils.cli import Script, flag_parser, positive_int, run, torch_device  # noqa: E402
+from utils.cli import Script, file_to_write, flag_parser, positive_int, run, torch_device  # noqa: E402
 from utils.config import canonical_choice, check  # noqa: E402
 from utils.errors import MissingWeightsError, UsageError  # noqa: E402
 from utils.grids import class_caption, labelled_grid, save_png  # noqa: E402
@@ -35,7 +35,7 @@ FLAGS = flag_parser()
 FLAGS.add_argument("--model", choices=sorted(CONFIGS), default="reAR-S", help="released model (default reAR-S)")
 FLAGS.add_argument("--classes", type=int, nargs="+", default=[1, 7, 282, 604, 724, 179, 751, 404, 850],
                    help="ImageNet class ids, one image each")
-FLAGS.add_argument("--out", default="grid.png", help="the grid's PNG file")
+FLAGS.add_argument("--out", type=file_to_write, default="grid.png", help="the grid's PNG file")
 FLAGS.add_argument("--generator", help="local generator weights (default: the released file of --model)")
 FLAGS.add_argument("--tokenizer", help=f"local tokenizer weights, or a folder / Hub repo with config.json "
                                        f"(default: the released {TOKENIZER_FILENAME})")

@@ -25,8 +25,14 @@ from modeling import build_tokenizer, load_generator  # noqa: E402
 from modeling.sampler import SamplingOptions, effective_precision, sample  # noqa: E402
 from modeling.tokenizers import decoded_to_uint8  # noqa: E402
 from utils.cli import Script, run  # noqa: E402
-from utils.errors import UsageError  # noqa: E402
-from utils.fid_samples.run import make_shards, merge_shards, npz_path, prepare_sample_dir  # noqa: E402
+from utils.errors import ResourceError, UsageError  # noqa: E402
+from utils.fid_samples.run import (  # noqa: E402
+    discard_unused,
+    make_shards,
+    merge_shards,
+    npz_path,
+    prepare_sample_dir,
+)
 from utils.weights import describe_file  # noqa: E402
 
 SCRIPT = Script(
@@ -109,6 +115,9 @@ def main(config, flags=None) -> None:
     if not config.experiment.generator_checkpoint:
         raise UsageError("set experiment.generator_checkpoint=PATH (a local file or a released name, "
                          "e.g. reAR-S.safetensors)")
+    if os.path.isdir(npz_path(sample_dir)):
+        raise UsageError(f"experiment.output_dir={sample_dir} writes {npz_path(sample_dir)}, which is a folder; "
+                         "choose another experiment.output_dir")
     rank, world_size, device = setup_distributed()
     if device.type == "cuda":  # as the original sampler ran: fp32 with TF32 matmuls (bf16 is an opt-in)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -126,9 +135,18 @@ def main(config, flags=None) -> None:
     else:
         if rank == 0:
             print(f"sampling {s.num_samples} images with {options} on {world_size} x {device.type}")
-        make_shards(partial(sample_batch, generator, tokenizer, options), sample_dir, s.num_samples,
-                    config.model.generator.condition_num_classes, s.per_proc_batch_size, s.seed, rank, world_size,
-                    device, s.save_png)
+        try:
+            make_shards(partial(sample_batch, generator, tokenizer, options), sample_dir, s.num_samples,
+                        config.model.generator.condition_num_classes, s.per_proc_batch_size, s.seed, rank, world_size,
+                        device, s.save_png)
+        except BaseException as err:
+            if rank == 0:
+                discard_unused(sample_dir)
+            if isinstance(err, torch.OutOfMemoryError):
+                raise ResourceError(f"out of memory sampling a batch of sampling.per_proc_batch_size="
+                                    f"{s.per_proc_batch_size} images on {device} ({str(err).splitlines()[0]}); use a "
+                                    "smaller sampling.per_proc_batch_size (the samples depend on it)") from None
+            raise
         barrier()
         if rank == 0:
             shapes = merge_shards(sample_dir, s.num_samples, s.per_proc_batch_size)

@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
 
 from modeling import build_tokenizer  # noqa: E402
-from utils.cli import Script, flag_parser, positive_int, run  # noqa: E402
+from utils.cli import Script, file_to_write, flag_parser, positive_int, run  # noqa: E402
 from utils.data.toy import encode_images, toy_images  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
 from utils.files import atomic_open  # noqa: E402
@@ -24,7 +24,7 @@ from utils.files import atomic_open  # noqa: E402
 HELD_OUT_SEED_OFFSET = 100  # default seed: dataset.toy.seed + this (training draws its images from dataset.toy.seed)
 
 FLAGS = flag_parser()
-FLAGS.add_argument("--output", required=True, help="the JSON Lines file to write")
+FLAGS.add_argument("--output", type=file_to_write, required=True, help="the JSON Lines file to write")
 FLAGS.add_argument("--num-images", type=positive_int, default=1000, help="images to draw (default 1000)")
 FLAGS.add_argument("--seed", type=int, default=None,
                    help=f"seed of the images (default: dataset.toy.seed + {HELD_OUT_SEED_OFFSET})")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -32,7 +33,7 @@ from utils.cli import Script, run  # noqa: E402
 from utils.config import to_yaml  # noqa: E402
 from utils.data.loader import batches, training_dataset  # noqa: E402
 from utils.data.toy import TOY_CLASS_NAMES, tokenizer_fit_images, toy_class_share  # noqa: E402
-from utils.errors import OutputError  # noqa: E402
+from utils.errors import OutputError, ResourceError  # noqa: E402
 from utils.files import atomic_open, write_json  # noqa: E402
 from utils.grids import image_grid, labelled_rows, save_png  # noqa: E402
 from utils.training.ema import EMA  # noqa: E402
@@ -91,6 +92,7 @@ def main(config, flags=None) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     objective = Objective(config, tokenizer)
 
+    made_folder = accelerator.is_main_process and not os.path.exists(out)
     if accelerator.is_main_process:
         os.makedirs(out, exist_ok=True)
         clean_output_folder(out)
@@ -126,10 +128,20 @@ def main(config, flags=None) -> dict:
     def next_batch():
         return batch_tokens(next(data), tokenizer, device, config.model.generator.image_seq_len)
 
+    first_step = step
     while step < last_step:
         grad_norms_due = (step + 1) % config.experiment.log_grad_norm_every == 0
-        terms, lr, parameter_norms = train_step(accelerator, model, objective, next_batch, optimizer, scheduler, step,
-                                                t.gradient_accumulation_steps, max_grad_norm, grad_norms_due)
+        try:
+            terms, lr, parameter_norms = train_step(accelerator, model, objective, next_batch, optimizer, scheduler,
+                                                    step, t.gradient_accumulation_steps, max_grad_norm, grad_norms_due)
+        except torch.OutOfMemoryError as err:
+            if step == first_step and made_folder:  # a run that cannot take one step leaves nothing behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise ResourceError(
+                f"out of memory at step {step + 1} with training.per_gpu_batch_size={t.per_gpu_batch_size} on "
+                f"{device} ({str(err).splitlines()[0]}); use a smaller training.per_gpu_batch_size (with a larger "
+                "training.gradient_accumulation_steps for the same global batch), or "
+                "model.generator.use_checkpoint=True") from None
         samples_seen += micro_batch * t.gradient_accumulation_steps
         if ema is not None:
             ema.update(generator)

@@ -283,16 +283,24 @@ ROWS = [
         faults=({"target": "utils.training.resume:save_file", "action": "enospc"},), left=("run", "run/config.yaml",
                                                                                            "run/checkpoints")),
     Row("train: file-size limit while saving (a real failed write)", TOY, 1,
-        "the disk is full: could not save checkpoint {O}/run/checkpoints/checkpoint-00000002 (…File too large…); "
-        "the earlier checkpoints are intact: free some space and rerun to resume",
+        "the file-size limit (ulimit -f: 50000 bytes) is reached: could not save checkpoint "
+        "{O}/run/checkpoints/checkpoint-00000002 ({O}/run/checkpoints/checkpoint-00000002.tmp-save/model.safetensors: "
+        "Error while serializing: I/O error: File too large (os error 27)); the earlier checkpoints are intact: raise "
+        "the limit (ulimit -f unlimited) and rerun to resume",
         faults=({"fsize_limit": 50_000},), left=("run", "run/config.yaml", "run/checkpoints")),
+    Row("train: file-size limit at the tail of optimizer.pt (torch's own error names no limit)", TOY, 1,
+        "the file-size limit (ulimit -f: 990000 bytes) is reached: could not save checkpoint "
+        "{O}/run/checkpoints/checkpoint-00000002 ({O}/run/checkpoints/checkpoint-00000002.tmp-save/optimizer.pt: …); "
+        "the earlier checkpoints are intact: raise the limit (ulimit -f unlimited) and rerun to resume",
+        faults=({"fsize_limit": 990_000},), left=("run", "run/config.yaml", "run/checkpoints")),
     Row("sample: disk full while writing a shard", SAMPLE, 1,
         "the disk is full: could not write {O}/samples/shards/batch_000001.npz ([Errno 28] No space left on device: "
         "'{O}/samples/shards/batch_000001.npz.tmp-…'); free some space and rerun",
         faults=({"target": "numpy:savez", "match": "batch_000001", "action": "enospc"},),
         left=("samples", "samples/sampling.json", "samples/shards", "samples/shards/batch_000000.npz")),
     Row("pretokenize: file-size limit while writing", PRETOK + " --batch_size 2 --augment ten_crop", 1,
-        "the disk is full ([Errno 27] File too large); free some space and rerun",
+        "the file-size limit (ulimit -f: 2500 bytes) is reached: could not write {O}/tokens.jsonl.part-0-of-1 "
+        "([Errno 27] File too large); raise the limit (ulimit -f unlimited) and rerun",
         faults=({"fsize_limit": 2_500},), left=("tokens.jsonl.part-0-of-1", "tokens.jsonl.part-0-of-1.settings.json")),
 ]
 

@@ -40,4 +40,9 @@ class OutputError(UserError):
     """An output folder or file that a run must not overwrite or mix with, or a full disk."""
 
 
-__all__ = ["ConfigError", "DataError", "MissingWeightsError", "OutputError", "UsageError", "UserError", "WeightsError"]
+class ResourceError(UserError):
+    """A setting the machine cannot hold: a batch that does not fit in memory."""
+
+
+__all__ = ["ConfigError", "DataError", "MissingWeightsError", "OutputError", "ResourceError", "UsageError", "UserError",
+           "WeightsError"]
