@@ -89,15 +89,18 @@ def server():
     server.close()
 
 
-# Markers: `slow` tests run by default (the whole suite stays within CI's 10 minutes); `cuda` tests need a GPU and
-# `campaign` tests are the long fault campaigns: both are deselected unless asked for with -m (e.g. -m cuda).
-OPT_IN_MARKERS = ("cuda", "campaign")
+# Markers: `slow` tests run by default (the whole suite stays within CI's 10 minutes); `cuda` tests need a GPU,
+# `campaign` tests are the long fault campaigns and `fuzz` the whole sweep of hostile values through every entry
+# point: they are deselected unless asked for with -m (e.g. -m cuda).
+OPT_IN_MARKERS = ("cuda", "campaign", "fuzz")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores (still run by default)")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; run with `python -m pytest -m cuda tests`")
     config.addinivalue_line("markers", "campaign: a long fault campaign; run with `python -m pytest -m campaign tests`")
+    config.addinivalue_line("markers", "fuzz: every hostile value of every key through every entry point; run with "
+                                       "`python -m pytest -m fuzz tests/test_fuzz.py`")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,6 +12,9 @@ A fault is a dict:
             partial  half the files of the folder it was given deleted, then SIGKILL (a kill mid-rmtree)
             enospc   the call, the file cut to half, then OSError(ENOSPC) raised (a disk that fills mid-write)
             bug      RuntimeError raised instead of the call (a bug of ours)
+            oom      torch.OutOfMemoryError raised instead of the call (a batch too large for the GPU)
+            erofs    OSError(EROFS) naming the call's path raised instead of the call (a read-only folder: as root,
+                     a folder's mode bits do not stop a write)
 or {"fsize_limit": bytes}: a real limit on the size of any file the process writes (writes past it fail with
 EFBIG, "File too large", as on a full disk).
 """
@@ -110,8 +113,19 @@ def _bug(original, args, kwargs):
     raise RuntimeError("injected bug")
 
 
+def _oom(original, args, kwargs):
+    import torch
+
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+
+
+def _erofs(original, args, kwargs):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), _path_of(args[0]))
+
+
 def _cut_to_half(path: str) -> None:
     os.truncate(path, os.path.getsize(path) // 2)
 
 
-ACTIONS = {"before": _before, "after": _after, "torn": _torn, "partial": _partial, "enospc": _enospc, "bug": _bug}
+ACTIONS = {"before": _before, "after": _after, "torn": _torn, "partial": _partial, "enospc": _enospc, "bug": _bug,
+           "oom": _oom, "erofs": _erofs}

@@ -288,11 +288,6 @@ ROWS = [
         "Error while serializing: I/O error: File too large (os error 27)); the earlier checkpoints are intact: raise "
         "the limit (ulimit -f unlimited) and rerun to resume",
         faults=({"fsize_limit": 50_000},), left=("run", "run/config.yaml", "run/checkpoints")),
-    Row("train: file-size limit at the tail of optimizer.pt (torch's own error names no limit)", TOY, 1,
-        "the file-size limit (ulimit -f: 990000 bytes) is reached: could not save checkpoint "
-        "{O}/run/checkpoints/checkpoint-00000002 ({O}/run/checkpoints/checkpoint-00000002.tmp-save/optimizer.pt: …); "
-        "the earlier checkpoints are intact: raise the limit (ulimit -f unlimited) and rerun to resume",
-        faults=({"fsize_limit": 990_000},), left=("run", "run/config.yaml", "run/checkpoints")),
     Row("sample: disk full while writing a shard", SAMPLE, 1,
         "the disk is full: could not write {O}/samples/shards/batch_000001.npz ([Errno 28] No space left on device: "
         "'{O}/samples/shards/batch_000001.npz.tmp-…'); free some space and rerun",

@@ -444,6 +444,8 @@ def _as_config_error(err: OmegaConfBaseException, source: str) -> ConfigError:
             message = f"{value} is not one of {allowed.replace(chr(39), '')}"
         if message.startswith("Incompatible value 'None'"):  # `key=` on the command line, or `key:` in YAML
             message = f"it is empty, but it needs a value of type {message.split('of type ')[-1].strip(chr(39))}"
+        elif message.endswith("is not Optional"):  # the same for a list or a mapping
+            message = "it is empty, but it needs a value"
         return ConfigError(f"bad value for config key '{key}' in {source}: {message}")
     return ConfigError(f"config error at '{key}' in {source}: {str(err).splitlines()[0]}")
 
@@ -453,6 +455,23 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
         return OmegaConf.merge(base, update)
     except OmegaConfBaseException as err:
         raise _as_config_error(err, source) from None
+    except TypeError:  # a list given for a mapping or the reverse: OmegaConf names no key
+        key = _container_clash(OmegaConf.to_container(base), OmegaConf.to_container(OmegaConf.create(update)))
+        raise ConfigError(f"bad value for config key '{key}' in {source}: a list where a mapping is expected, "
+                          "or the reverse") from None
+
+
+def _container_clash(base: dict, update: dict, prefix: str = "") -> Optional[str]:
+    """The dotted key where `update` has a list and `base` a mapping, or the reverse."""
+    for key, value in update.items():
+        here = base.get(key)
+        if isinstance(value, dict) and isinstance(here, dict):
+            found = _container_clash(here, value, f"{prefix}{key}.")
+            if found:
+                return found
+        elif isinstance(value, dict) and isinstance(here, list) or isinstance(value, list) and isinstance(here, dict):
+            return f"{prefix}{key}"
+    return None
 
 
 def validate(config: Any) -> DictConfig:
@@ -609,6 +628,11 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
     config = OmegaConf.structured(ReARConfig)
     if path is not None:
         config = _merge(config, _load_yaml(path), path)
+    return with_overrides(config, overrides, path)
+
+
+def with_overrides(config: DictConfig, overrides: Sequence[str] = (), path: Optional[str] = None) -> DictConfig:
+    """`config` (loaded from the YAML file `path`, if any) with `overrides` merged in, resolved and checked."""
     config = _merge(config, parse_overrides(overrides), "the command line")
     try:
         OmegaConf.resolve(config)
@@ -660,4 +684,5 @@ __all__ = [
     "to_container",
     "to_yaml",
     "validate",
+    "with_overrides",
 ]
