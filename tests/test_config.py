@@ -260,3 +260,10 @@ def test_an_empty_value_for_a_key_that_needs_one_says_so():
         load_config("configs/rear_toy.yaml", ["experiment.output_dir="])
     assert str(error.value) == ("bad value for config key 'experiment.output_dir' in the command line: it is empty, "
                                 "but it needs a value of type str")
+
+
+def test_an_override_yaml_cannot_read_is_named():
+    with pytest.raises(ConfigError) as error:
+        load_config("configs/rear_toy.yaml", ["training.seed=3", "experiment.output_dir={name}/run"])
+    assert str(error.value) == ("command-line argument 'experiment.output_dir={name}/run' is not a value YAML can read "
+                                "(did not find expected <document start>); quote it: key='value'")

@@ -21,6 +21,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -503,6 +504,18 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
         return OmegaConf.from_dotlist(items)
     except OmegaConfBaseException as err:
         raise ConfigError(f"command-line overrides could not be parsed: {str(err).splitlines()[0]}") from None
+    except yaml.YAMLError as err:  # a value is read as YAML: `{x}/y` is a mapping cut short
+        bad = next(item for item in items if not _parses(item.split("=", 1)[1]))
+        raise ConfigError(f"command-line argument '{bad}' is not a value YAML can read ({err.problem}); quote "
+                          "it: key='value'") from None
+
+
+def _parses(value: str) -> bool:
+    try:
+        yaml.safe_load(value)
+    except yaml.YAMLError:
+        return False
+    return True
 
 
 def _load_yaml(path: str) -> DictConfig:
