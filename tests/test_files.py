@@ -124,3 +124,11 @@ def test_a_kill_inside_safetensors_leaves_a_temporary_the_next_run_removes(serve
     assert len(leftovers) == 1 and fnmatch.fnmatch(leftovers[0], LIBRARY_TEMPORARY), leftovers
     clean_output_folder(str(run))  # what the next training run does first
     assert os.listdir(run) == ["config.yaml"]
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write_of_that_file(tmp_path):
+    (tmp_path / "grid.png.tmp-999").write_bytes(b"half a png")  # e.g. the demo's --out, killed mid-write
+    (tmp_path / "other.png.tmp-999").write_bytes(b"another file's")
+    with atomic_open(str(tmp_path / "grid.png"), "wb") as f:
+        f.write(b"png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "other.png.tmp-999"]

@@ -149,9 +149,10 @@ def _remove(path: str) -> None:
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path to write `path`'s contents to (a file, or a folder the caller creates); on success it
-    is flushed and renamed to `path`, on any error removed."""
+    is flushed and renamed to `path`, on any error removed. A path has one writer at a time: the temporaries of
+    `path` a killed writer left are removed first."""
     tmp = temporary_name(path)
-    _remove(tmp)  # left by an earlier process with our pid
+    remove_temporaries_of(path)
     try:
         with writing(path, tmp):
             yield tmp
