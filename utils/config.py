@@ -2,8 +2,9 @@
 
 Every run's configuration is the schema's defaults, then a YAML file, then CLI overrides, merged by OmegaConf.
 The schema is what makes a mistake an error before any work starts: an unknown key, a value of the wrong type or
-outside its fixed set of choices (`Literal[...]` below), or an inconsistent pair of values fails with the key's
-dotted name. Keys whose choices live in a registry (`model.vq_model.model_type`, `model.generator.backbone`,
+outside its fixed set of choices (`Literal[...]` below), a value outside its key's domain (every number and path
+declares one: `option(default, help, domain)`), or keys that break a relation between them (`RELATIONS`) fail with
+the keys' dotted names, every problem on a line of its own. Keys whose choices live in a registry (`model.vq_model.model_type`, `model.generator.backbone`,
 `model.generator.guidance_schedule`) are checked against the names the registries under `modeling/` declare with
 `register_choice`.
 

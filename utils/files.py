@@ -118,8 +118,14 @@ def writing(path: str, temporary: Optional[str] = None) -> Iterator[None]:
 
 
 def _umask() -> int:
-    with open("/proc/self/status") as f:  # reading it does not change it, as os.umask would for a moment
-        return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    """The process's umask: read from /proc (Linux), which leaves it as it is; elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
 
 
 def follow_umask(path: str) -> None:
