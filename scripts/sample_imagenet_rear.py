@@ -25,7 +25,7 @@ from modeling import build_tokenizer, load_generator  # noqa: E402
 from modeling.sampler import SamplingOptions, effective_precision, sample  # noqa: E402
 from modeling.tokenizers import decoded_to_uint8  # noqa: E402
 from utils.cli import Script, run  # noqa: E402
-from utils.errors import ResourceError, UsageError  # noqa: E402
+from utils.errors import ResourceError, UsageError, out_of_memory  # noqa: E402
 from utils.fid_samples.run import (  # noqa: E402
     discard_unused,
     make_shards,
@@ -142,7 +142,7 @@ def main(config, flags=None) -> None:
         except BaseException as err:
             if rank == 0:
                 discard_unused(sample_dir)
-            if isinstance(err, torch.OutOfMemoryError):
+            if out_of_memory(err):
                 raise ResourceError(f"out of memory sampling a batch of sampling.per_proc_batch_size="
                                     f"{s.per_proc_batch_size} images on {device} ({str(err).splitlines()[0]}); use a "
                                     "smaller sampling.per_proc_batch_size (the samples depend on it)") from None

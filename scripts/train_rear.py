@@ -33,7 +33,7 @@ from utils.cli import Script, run  # noqa: E402
 from utils.config import to_yaml  # noqa: E402
 from utils.data.loader import batches, training_dataset  # noqa: E402
 from utils.data.toy import TOY_CLASS_NAMES, tokenizer_fit_images, toy_class_share  # noqa: E402
-from utils.errors import OutputError, ResourceError  # noqa: E402
+from utils.errors import OutputError, ResourceError, out_of_memory  # noqa: E402
 from utils.files import atomic_open, write_json  # noqa: E402
 from utils.grids import image_grid, labelled_rows, save_png  # noqa: E402
 from utils.training.ema import EMA  # noqa: E402
@@ -134,7 +134,9 @@ def main(config, flags=None) -> dict:
         try:
             terms, lr, parameter_norms = train_step(accelerator, model, objective, next_batch, optimizer, scheduler,
                                                     step, t.gradient_accumulation_steps, max_grad_norm, grad_norms_due)
-        except torch.OutOfMemoryError as err:
+        except (RuntimeError, MemoryError) as err:
+            if not out_of_memory(err):
+                raise
             if step == first_step and made_folder:  # a run that cannot take one step leaves nothing behind
                 shutil.rmtree(out, ignore_errors=True)
             raise ResourceError(

@@ -24,11 +24,13 @@ from typing import Dict, Optional
 
 import numpy as np
 import pytest
+import torch
 
 import modeling  # noqa: F401  (fills the registries: their keys' choices are checked too)
 from script_runner import ROOT
 from test_errors import Row, listing, matches, stderr_lines
 from tiny_models import write_tiny_weights
+from utils.errors import out_of_memory
 from utils.config import (
     DATA_FILE,
     DOMAINS,
@@ -294,3 +296,14 @@ def test_an_input_of_issue_20_is_one_line(server, issue_inputs, tmp_path, row):
     assert matches(fill(row.line), lines[-1].removeprefix("error: ")), lines[-1]
     left = [path for path in listing(out) if not any(fnmatch.fnmatch(path, pattern) for pattern in row.left)]
     assert left == [] and listing(issue_inputs) == before, "nothing new on disk"
+
+
+@pytest.mark.parametrize("error, is_oom", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)"), True),
+    (MemoryError(), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"), False),  # a bug: its traceback
+])
+def test_out_of_memory_on_a_gpu_or_a_cpu_is_told_from_other_errors(error, is_oom):
+    assert out_of_memory(error) == is_oom

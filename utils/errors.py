@@ -44,5 +44,12 @@ class ResourceError(UserError):
     """A setting the machine cannot hold: a batch that does not fit in memory."""
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says memory ran out: CUDA's torch.OutOfMemoryError, the CPU allocator's RuntimeError, a
+    MemoryError."""
+    return (type(err).__name__ == "OutOfMemoryError" or isinstance(err, MemoryError)
+            or "can't allocate memory" in str(err))
+
+
 __all__ = ["ConfigError", "DataError", "MissingWeightsError", "OutputError", "ResourceError", "UsageError", "UserError",
-           "WeightsError"]
+           "WeightsError", "out_of_memory"]
