@@ -229,6 +229,17 @@ ISSUE_CASES = [
         "{F}/no_pixels.npz: 'arr_0' must be uint8 images of shape (N, H, W, 3), got uint8 (4, 0, 0, 3)"),
     Row("evaluator: a truncated sample batch", "-m evaluator {F}/ref.npz {F}/truncated.npz", 1,
         "{F}/truncated.npz is not an .npz file (not a zip archive)"),
+    Row("evaluator: sample batch a folder", "-m evaluator {F}/ref.npz {F}/a_folder", 1,
+        "{F}/a_folder: a folder, not a file"),
+    Row("evaluator: Inception weights a folder",
+        "-m evaluator {F}/ref.npz {F}/ref.npz --allow-few-samples --inception-weights {F}/a_folder", 1,
+        "Inception weights {F}/a_folder: a folder, not a file"),
+    Row("consistency: tokens a folder", ENTRY_POINTS["consistency"].replace(" {KV}", "").replace(
+        "{F}/tokens.npz", "{F}/a_folder"), 1,
+        "{F}/a_folder: a folder, not a file (expected .npz (tokens, labels), .npy (tokens) or .jsonl (pre-tokenized))"),
+    Row("exposure: --data a folder", ENTRY_POINTS["exposure"].replace(" {KV}", "").replace(
+        "{F}/tokens.npz", "{F}/a_folder"), 1,
+        "{F}/a_folder: a folder, not a file (expected .npz (tokens, labels), .npy (tokens) or .jsonl (pre-tokenized))"),
     Row("evaluator: --json a folder", "-m evaluator {F}/ref.npz {F}/ref.npz --json {F}/a_folder", 2,
         "argument --json: {F}/a_folder is a folder, not a file to write (see --help)"),
     Row("pretokenize: --output a folder", ENTRY_POINTS["pretokenize"].replace(" {KV}", "").replace(

@@ -16,7 +16,7 @@ import os
 import resource
 import shutil
 from contextlib import contextmanager
-from typing import IO, Any, Iterator, Optional, Tuple
+from typing import IO, Any, Iterator, Optional
 
 from utils.errors import OutputError
 
@@ -140,6 +140,13 @@ def follow_umask(path: str) -> None:
         os.chmod(path, 0o666 & ~umask)
 
 
+def not_a_file(path: str) -> Optional[str]:
+    """Why `path` cannot be read as a file ("no such file", "a folder, not a file"), or None when it can."""
+    if os.path.isdir(path):
+        return "a folder, not a file"
+    return None if os.path.isfile(path) else "no such file"
+
+
 def fsync_path(path: str) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -217,5 +224,5 @@ def remove_temporaries_of(path: str) -> int:
     return len(leftovers)
 
 
-__all__ = ["atomic_open", "atomic_path", "changed_settings", "follow_umask", "read_record", "remove_temporaries",
+__all__ = ["atomic_open", "atomic_path", "changed_settings", "follow_umask", "not_a_file", "read_record", "remove_temporaries",
            "remove_temporaries_of", "temporary_name", "write_json", "write_stopped", "writing", "WriteStopped"]
