@@ -5,14 +5,15 @@ number, an empty value, a value of another type, a folder where a file goes and 
 the schema refuses must end, through an entry point run as the user runs it (train, sample, pretokenize,
 consistency, exposure, demo: tests/script_runner.py), with exit status 2, exactly one line on stderr (`error: ...`,
 the line `check` gives, naming the key) and nothing new on disk. Some refusals do not depend on the domains the
-schema declares, and are asserted as such (`must_refuse`): no number accepts nan, ±inf or 2^63, no key a value of
-another type or an empty value unless it may be None, no path key a file where a folder goes or the reverse.
+schema declares, and are asserted as such (the values `hostile_values` marks True): no number accepts nan, ±inf or
+2^63, no key a value of another type or an empty value unless it may be None, no path key a file where a folder goes
+or the reverse.
 
-By default every value of every key is classified in-process (milliseconds each), and every key runs through one
-entry point with one of its refused values, entry points and values taken in turn; `python -m pytest -m fuzz
-tests/test_fuzz.py` runs every refused value of every key through every entry point. ISSUE_CASES are the bad inputs
-of issue 20 that are not one key's value (a read-only folder, a batch too large for memory, evaluator files ...),
-each through the entry point the issue names.
+By default every value of every key is classified in-process (milliseconds each), and every third key runs through
+one entry point with one of its refused values, entry points and values taken in turn; `python -m pytest -m fuzz
+tests/test_fuzz.py` runs the rest: every refused value of every key through every entry point. ISSUE_CASES are the
+bad inputs of issue 20 that are not one key's value (a read-only folder, a batch too large for memory, evaluator
+files ...), each through the entry point the issue names.
 """
 
 import fnmatch
@@ -30,7 +31,6 @@ import modeling  # noqa: F401  (fills the registries: their keys' choices are ch
 from script_runner import ROOT
 from test_errors import Row, listing, matches, stderr_lines
 from tiny_models import write_tiny_weights
-from utils.errors import out_of_memory
 from utils.config import (
     DATA_FILE,
     DOMAINS,
@@ -43,6 +43,7 @@ from utils.config import (
     schema_types,
     with_overrides,
 )
+from utils.errors import out_of_memory
 
 TINY = str(ROOT / "configs" / "rear_tiny.yaml")
 WEIGHT_FILES = "experiment.tokenizer_checkpoint={F}/tiny_vqgan.safetensors"
