@@ -6,7 +6,7 @@ import json
 
 from evaluator.evaluation import PRECISION_RECALL_K, evaluate
 from evaluator.npz import NpzImages
-from utils.cli import Script, flag_parser, positive_int, run, torch_device
+from utils.cli import Script, file_to_write, flag_parser, positive_int, run, torch_device
 from utils.files import atomic_open
 
 FLAGS = flag_parser()
@@ -19,7 +19,7 @@ FLAGS.add_argument("--inception-weights", default=None,
                    help="path to weights-inception-2015-12-05-6726825d.pth (default: torch hub cache)")
 FLAGS.add_argument("--allow-few-samples", action="store_true",
                    help="compute FID / sFID even over fewer images than feature dimensions (2048 / 2023)")
-FLAGS.add_argument("--json", default=None, help="also write the results to this JSON file")
+FLAGS.add_argument("--json", type=file_to_write, default=None, help="also write the results to this JSON file")
 
 SCRIPT = Script(
     usage="python -m evaluator REF.npz SAMPLE.npz [--batch-size 64] [--device cuda] [--inception-weights PATH] "

@@ -13,6 +13,7 @@ from torch.hub import download_url_to_file
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
 from utils.errors import MissingWeightsError, WeightsError
+from utils.files import not_a_file
 from utils.weights import first_sentence
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -21,8 +22,8 @@ WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 def inception_weights_path(path=None):
     """The weights file: `path` if given, else torch hub's checkpoint cache, downloading there when online."""
     if path is not None:
-        if not os.path.isfile(path):
-            raise MissingWeightsError(f"Inception weights {path}: no such file")
+        if not_a_file(path):
+            raise MissingWeightsError(f"Inception weights {path}: {not_a_file(path)}")
         return str(path)
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILE)
     if not os.path.isfile(cached):

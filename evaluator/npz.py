@@ -4,13 +4,13 @@
 opened here by hand: memory-mapped where np.savez stored it uncompressed, decompressed as a stream where
 np.savez_compressed deflated it.
 """
-import os
 import struct
 import zipfile
 
 import numpy as np
 
 from utils.errors import DataError
+from utils.files import not_a_file
 
 _LOCAL_HEADER_SIZE = 30  # fixed part of a zip local file header; name and extra field follow it
 
@@ -20,8 +20,8 @@ class NpzImages:
 
     def __init__(self, path, key="arr_0"):
         self.path = str(path)
-        if not os.path.isfile(self.path):
-            raise DataError(f"{self.path}: no such file")
+        if not_a_file(self.path):
+            raise DataError(f"{self.path}: {not_a_file(self.path)}")
         try:
             with zipfile.ZipFile(self.path) as archive:
                 names = [name.removesuffix(".npy") for name in archive.namelist()]
@@ -34,7 +34,7 @@ class NpzImages:
                     self._header_size = stream.tell()
         except zipfile.BadZipFile:
             raise DataError(f"{self.path} is not an .npz file (not a zip archive)") from None
-        if dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3:
+        if dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3 or 0 in self.shape[1:3]:
             raise DataError(f"{self.path}: '{key}' must be uint8 images of shape (N, H, W, 3), "
                              f"got {dtype} {self.shape}")
         if self.shape[0] < 2:

@@ -11,7 +11,6 @@ the first rows would be a few classes or a few images.
 
 from __future__ import annotations
 
-import os
 import zipfile
 from dataclasses import dataclass
 from typing import Optional
@@ -20,6 +19,7 @@ import numpy as np
 
 from utils.data.pretokenized import open_pretokenized
 from utils.errors import DataError
+from utils.files import not_a_file
 
 FORMATS = ".npz (tokens, labels), .npy (tokens) or .jsonl (pre-tokenized)"
 
@@ -82,8 +82,8 @@ def read_arrays(path: str):
 
 def load_token_set(path: str, limit: Optional[int] = None) -> TokenSet:
     """The sequences (and class labels) in `path`, or an evenly spaced `limit` of them."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file (expected {FORMATS})")
+    if not_a_file(path):
+        raise DataError(f"{path}: {not_a_file(path)} (expected {FORMATS})")
     if not path.endswith((".npz", ".npy", ".jsonl")):
         raise DataError(f"{path}: expected {FORMATS}")
     tokens, labels = read_arrays(path)

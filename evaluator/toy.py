@@ -14,7 +14,7 @@ import torch
 
 from evaluator.evaluation import check_sample_counts
 from evaluator.metrics import compute_statistics, frechet_distance
-from utils.cli import Script, flag_parser, positive_int, run
+from utils.cli import Script, file_to_write, flag_parser, positive_int, run
 from utils.data.toy import toy_class_share, toy_images
 from utils.errors import DataError, UsageError
 from utils.files import write_json
@@ -23,7 +23,7 @@ FLAGS = flag_parser()
 FLAGS.add_argument("--inception-weights", default=None, help="also FID against fresh toy images (weights file)")
 FLAGS.add_argument("--allow-few-samples", action="store_true", help="FID over fewer than 2048 images anyway")
 FLAGS.add_argument("--batch-size", type=positive_int, default=64, help="images per Inception forward pass")
-FLAGS.add_argument("--json", default=None, help="also write the scores to this JSON file")
+FLAGS.add_argument("--json", type=file_to_write, default=None, help="also write the scores to this JSON file")
 
 SCRIPT = Script(
     usage="python -m evaluator.toy SAMPLES.npz config=RUN/config.yaml [--inception-weights PATH] [--json OUT]",

@@ -63,7 +63,7 @@ from modeling.objective import Objective  # noqa: E402
 from modeling.tokenizers.base import RandomCodebook  # noqa: E402
 from modeling.sampler import SamplingOptions, decode_in_batches, why_not_fast  # noqa: E402
 from modeling.tokenizers.maskgit_vqgan import MaskGITVQGAN  # noqa: E402
-from utils.cli import Script, flag_parser, non_negative_int, positive_int, run, torch_device  # noqa: E402
+from utils.cli import Script, file_to_write, flag_parser, non_negative_int, positive_int, run, torch_device  # noqa: E402
 from utils.files import atomic_open  # noqa: E402
 from utils.training.optim import build_optimizer, build_scheduler  # noqa: E402
 from utils.training.step import make_accelerator, train_step  # noqa: E402
@@ -459,7 +459,7 @@ FLAGS.add_argument("--decode-batch-size", type=positive_int, default=32, help="V
 FLAGS.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of an unlisted GPU")
 FLAGS.add_argument("--competing-processes", type=non_negative_int, default=0,
                    help="run beside this many busy processes (one core each), as on a shared machine")
-FLAGS.add_argument("--json", default=None, help="write the results here")
+FLAGS.add_argument("--json", type=file_to_write, default=None, help="write the results here")
 
 SCRIPT = Script(
     usage="python scripts/benchmark.py [config=FILE.yaml] [key.sub=value ...] [--device cuda] [--batch-size 128] "

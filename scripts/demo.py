@@ -32,7 +32,7 @@ from torch import nn  # noqa: E402
 from modeling import build_tokenizer, load_generator  # noqa: E402
 from modeling.sampler import Progress, SamplingOptions, sample  # noqa: E402
 from modeling.tokenizers import decoded_to_uint8, tokenizer_weights  # noqa: E402
-from utils.cli import Script, flag_parser, positive_int, run, torch_device  # noqa: E402
+from utils.cli import Script, file_to_write, flag_parser, positive_int, run, torch_device  # noqa: E402
 from utils.config import check  # noqa: E402
 from utils.errors import MissingWeightsError, UsageError  # noqa: E402
 from utils.grids import class_names, labelled_grid, save_png  # noqa: E402
@@ -70,7 +70,7 @@ def model_flags() -> argparse.ArgumentParser:
 
 
 FLAGS = model_flags()
-FLAGS.add_argument("--out", default="grid.png", help="the grid's PNG file")
+FLAGS.add_argument("--out", type=file_to_write, default="grid.png", help="the grid's PNG file")
 
 SCRIPT = Script(
     usage="python scripts/demo.py [config=FILE.yaml] [key.sub=value ...] [--model reAR-S] [--classes ...] "

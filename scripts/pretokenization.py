@@ -30,7 +30,7 @@ import torch.distributed as dist  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from modeling import build_tokenizer  # noqa: E402
-from utils.cli import Script, flag_parser, non_negative_int, positive_int, run  # noqa: E402
+from utils.cli import Script, file_to_write, flag_parser, non_negative_int, positive_int, run  # noqa: E402
 from utils.config import to_container  # noqa: E402
 from utils.data.images import (  # noqa: E402
     center_crop_arr,
@@ -42,7 +42,14 @@ from utils.data.images import (  # noqa: E402
 )
 from utils.data.loader import expand_shards  # noqa: E402
 from utils.errors import DataError, OutputError  # noqa: E402
-from utils.files import atomic_open, changed_settings, read_record, remove_temporaries_of, write_json  # noqa: E402
+from utils.files import (  # noqa: E402
+    atomic_open,
+    changed_settings,
+    read_record,
+    remove_temporaries_of,
+    write_json,
+    writing,
+)
 from utils.weights import describe_file  # noqa: E402
 
 CROPS_PER_IMAGE = {"center": 1, "flip": 2, "ten_crop": 10}
@@ -50,7 +57,7 @@ CROPS_PER_IMAGE = {"center": 1, "flip": 2, "ten_crop": 10}
 
 FLAGS = flag_parser()
 FLAGS.add_argument("--data", required=True, help="image folder (root/<class>/<image>) or a shard pattern (.tar)")
-FLAGS.add_argument("--output", required=True, help="the JSON Lines file to write")
+FLAGS.add_argument("--output", type=file_to_write, required=True, help="the JSON Lines file to write")
 FLAGS.add_argument("--augment", choices=sorted(CROPS_PER_IMAGE), default="ten_crop", help="crops per image")
 FLAGS.add_argument("--batch_size", type=positive_int, default=64, help="images per tokenizer batch and process")
 FLAGS.add_argument("--num_workers", type=non_negative_int, default=8,
@@ -206,7 +213,7 @@ def main(config, args) -> None:
         remove_temporaries_of(record_path(part))  # of a killed run
         write_json(record_path(part), settings)  # the same, or those of a part with no images yet
         try:
-            with open(part, "a") as out, torch.no_grad(), tqdm(
+            with writing(part), open(part, "a") as out, torch.no_grad(), tqdm(
                 total=total, initial=done, unit="img", disable=rank != 0, desc="pre-tokenizing"
             ) as progress:
                 for images, labels in loader:

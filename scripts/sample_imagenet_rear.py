@@ -30,9 +30,16 @@ from modeling import build_tokenizer, load_generator  # noqa: E402
 from modeling.sampler import SamplingOptions, effective_precision, sample  # noqa: E402
 from modeling.tokenizers import decoded_to_uint8  # noqa: E402
 from utils.cli import Script, run  # noqa: E402
-from utils.errors import UsageError  # noqa: E402
+from utils.errors import ResourceError, UsageError, out_of_memory  # noqa: E402
 from utils.files import check_shared  # noqa: E402
-from utils.fid_samples.run import class_labels, make_shards, merge_shards, npz_path, prepare_sample_dir  # noqa: E402
+from utils.fid_samples.run import (  # noqa: E402
+    class_labels,
+    discard_unused,
+    make_shards,
+    merge_shards,
+    npz_path,
+    prepare_sample_dir,
+)
 from utils.preemption import STOPPED_EXIT_CODE, RankVote, StopSignals, exit_stopped  # noqa: E402
 from utils.training.run_record import samples_folder  # noqa: E402
 from utils.weights import describe_file  # noqa: E402
@@ -120,6 +127,10 @@ def start(config):
         raise UsageError("set experiment.generator_checkpoint=PATH (a local file or a released name, "
                          "e.g. reAR-S.safetensors)")
     class_labels(config.sampling.num_samples, config.model.generator.condition_num_classes)  # fails before any work
+    sample_dir = samples_folder(config.experiment.output_dir)
+    if os.path.isdir(npz_path(sample_dir)):
+        raise UsageError(f"experiment.output_dir={sample_dir} writes {npz_path(sample_dir)}, which is a folder; "
+                         "choose another experiment.output_dir")
     rank, world_size, device = setup_distributed()
     if device.type == "cuda":  # as the original sampler ran: fp32 with TF32 matmuls (bf16 is an opt-in)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -146,10 +157,20 @@ def write_samples(config, generator, tokenizer, rank: int, world_size: int, devi
         if rank == 0:
             print(f"sampling {s.num_samples} images with {options} on {world_size} x {device.type}")
         vote = RankVote()
-        with StopSignals() as signals:  # a stop signal ends the run after the batch in progress, its shard kept
-            finished = make_shards(partial(sample_batch, generator, tokenizer, options), sample_dir, s.num_samples,
-                                   config.model.generator.condition_num_classes, s.per_proc_batch_size, s.seed, rank,
-                                   world_size, device, s.save_png, lambda: vote.any((signals.requested,))[0])
+        try:
+            with StopSignals() as signals:  # a stop signal ends the run after the batch in progress, its shard kept
+                finished = make_shards(partial(sample_batch, generator, tokenizer, options), sample_dir,
+                                       s.num_samples, config.model.generator.condition_num_classes,
+                                       s.per_proc_batch_size, s.seed, rank, world_size, device, s.save_png,
+                                       lambda: vote.any((signals.requested,))[0])
+        except BaseException as err:
+            if rank == 0:
+                discard_unused(sample_dir)
+            if out_of_memory(err):
+                raise ResourceError(f"out of memory sampling a batch of sampling.per_proc_batch_size="
+                                    f"{s.per_proc_batch_size} images on {device} ({str(err).splitlines()[0]}); use a "
+                                    "smaller sampling.per_proc_batch_size (the samples depend on it)") from None
+            raise
         if not finished:
             exit_stopped(f"stopped by {signals.received or 'a stop signal to another process'}; the batches made so "
                          f"far are kept in {sample_dir}/shards: run the same command to continue (exit code "

@@ -18,14 +18,14 @@ from utils.threads import use_thread_defaults  # noqa: E402
 use_thread_defaults()  # before torch loads
 
 from modeling import build_tokenizer  # noqa: E402
-from utils.cli import Script, flag_parser, positive_int, run  # noqa: E402
+from utils.cli import Script, file_to_write, flag_parser, positive_int, run  # noqa: E402
 from utils.data.toy import HELD_OUT_SEED_OFFSET, encode_images, toy_images  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
 from utils.files import atomic_open  # noqa: E402
 
 
 FLAGS = flag_parser()
-FLAGS.add_argument("--output", required=True, help="the JSON Lines file to write")
+FLAGS.add_argument("--output", type=file_to_write, required=True, help="the JSON Lines file to write")
 FLAGS.add_argument("--num-images", type=positive_int, default=1000, help="images to draw (default 1000)")
 FLAGS.add_argument("--seed", type=int, default=None,
                    help=f"seed of the images (default: dataset.toy.seed + {HELD_OUT_SEED_OFFSET})")

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
 from utils.threads import use_thread_defaults  # noqa: E402
@@ -36,7 +38,7 @@ from modeling.sampler import SamplingOptions, sample_images_seeded  # noqa: E402
 from utils.cli import Script, run  # noqa: E402
 from utils.data.loader import batches, training_dataset  # noqa: E402
 from utils.data.toy import TOY_CLASS_NAMES, tokenizer_fit_images, toy_class_share  # noqa: E402
-from utils.errors import ConfigError, OutputError  # noqa: E402
+from utils.errors import ConfigError, OutputError, ResourceError, out_of_memory  # noqa: E402
 from utils.files import check_shared, write_json  # noqa: E402
 from utils.grids import image_grid, labelled_rows, save_png  # noqa: E402
 from utils.preemption import STOPPED_EXIT_CODE, RankVote, SaveClock, StopSignals, exit_stopped  # noqa: E402
@@ -113,6 +115,7 @@ def main(config, flags=None) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     objective = Objective(config, tokenizer)
 
+    made_folder = accelerator.is_main_process and not os.path.exists(out)
     if accelerator.is_main_process:
         os.makedirs(out, exist_ok=True)
         clean_output_folder(out)
@@ -153,11 +156,18 @@ def main(config, flags=None) -> dict:
     def next_batch():
         return batch_tokens(next(data), tokenizer, device, config.model.generator.image_seq_len)
 
+    first_step = step
     with StopSignals() as signals:  # from here a stop signal ends the run after the step in progress, saved
         while step < last_step:
             grad_norms_due = (step + 1) % config.experiment.log_grad_norm_every == 0
-            terms, lr, parameter_norms = train_step(accelerator, model, objective, next_batch, optimizer, scheduler,
-                                                    step, plan.accumulation, max_grad_norm, grad_norms_due)
+            try:
+                terms, lr, parameter_norms = train_step(accelerator, model, objective, next_batch, optimizer,
+                                                        scheduler, step, plan.accumulation, max_grad_norm,
+                                                        grad_norms_due)
+            except (RuntimeError, MemoryError) as err:
+                # a run that cannot take its first step leaves nothing behind
+                raise out_of_memory_error(err, step, plan, t, device, out if made_folder and step == first_step
+                                          else None) from None
             samples_seen += plan.global_batch
             if ema is not None:
                 ema.update(generator)
@@ -242,6 +252,21 @@ def describe_run(accelerator, config, dataset, generator, plan) -> None:
             f"{config.experiment.max_train_examples} samples, so one pass over the data is "
             f"{plural(passes, 'epoch')}{crops}"
         )
+
+
+def out_of_memory_error(err: BaseException, step: int, plan, t, device, remove: Optional[str]) -> BaseException:
+    """What the training step's `err` is to the user: running out of memory is a ResourceError that names the batch
+    (the folder `remove`, made by this run, is removed first); anything else stays itself."""
+    if not out_of_memory(err):
+        return err
+    if remove is not None:
+        shutil.rmtree(remove, ignore_errors=True)
+    keep = (f"the global batch stays {plan.global_batch}" if t.global_batch_size is not None
+            else "with a larger training.gradient_accumulation_steps for the same global batch")
+    return ResourceError(
+        f"out of memory at step {step + 1} with training.per_gpu_batch_size={plan.per_gpu} on {device} "
+        f"({str(err).splitlines()[0]}); use a smaller training.per_gpu_batch_size ({keep}), or "
+        "model.generator.use_checkpoint=True")
 
 
 def warn_if_global_batch_changed(accelerator, state: dict, plan) -> None:

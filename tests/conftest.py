@@ -92,10 +92,11 @@ def server():
 
 
 # Markers: `slow` tests run by default (the whole suite stays within CI's 10 minutes); `cuda` tests need a GPU,
-# `campaign` tests are the long fault campaigns, `cluster` tests launch several processes or simulated nodes with
-# torchrun / accelerate, and `registry` tests run built-in models through the whole path of
-# tests/test_bring_your_own.py: those are deselected unless asked for with -m (e.g. -m cuda).
-OPT_IN_MARKERS = ("cuda", "campaign", "cluster", "registry")
+# `campaign` tests are the long fault campaigns, `fuzz` the whole sweep of hostile values through every entry point,
+# `cluster` tests launch several processes or simulated nodes with torchrun / accelerate, and `registry` tests run
+# built-in models through the whole path of tests/test_bring_your_own.py: those are deselected unless asked for
+# with -m (e.g. -m cuda).
+OPT_IN_MARKERS = ("cuda", "campaign", "fuzz", "cluster", "registry")
 
 
 def pytest_configure(config):
@@ -106,6 +107,8 @@ def pytest_configure(config):
                             "launch (gloo on CPUs); run with `python -m pytest -m cluster tests`")
     config.addinivalue_line("markers", "registry: the built-in backbones and MaskGIT-VQGAN through the whole path of "
                                        "tests/test_bring_your_own.py; run with `python -m pytest -m registry tests`")
+    config.addinivalue_line("markers", "fuzz: every hostile value of every key through every entry point; run with "
+                                       "`python -m pytest -m fuzz tests/test_fuzz.py`")
 
 
 def pytest_collection_modifyitems(config, items):

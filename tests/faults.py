@@ -18,6 +18,9 @@ A fault is a dict:
                      parent (torchrun, which passes it on to every process), or with "to": "group" from another
                      process to its whole process group (data loader workers included, as a cluster signals every
                      process of a job), then makes the call (a stop signal arriving at that point; the run goes on)
+            oom      torch.OutOfMemoryError raised instead of the call (a batch too large for the GPU)
+            erofs    OSError(EROFS) naming the call's path raised instead of the call (a read-only folder: as root,
+                     a folder's mode bits do not stop a write)
     rank    only in the process of this RANK (under torchrun; default: every process)
 or {"fsize_limit": bytes}: a real limit on the size of any file the process writes (writes past it fail with
 EFBIG, "File too large", as on a full disk).
@@ -136,8 +139,19 @@ def _signal(sig, to, original, args, kwargs):
     return original(*args, **kwargs)
 
 
+def _oom(original, args, kwargs):
+    import torch
+
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+
+
+def _erofs(original, args, kwargs):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), _path_of(args[0]))
+
+
 def _cut_to_half(path: str) -> None:
     os.truncate(path, os.path.getsize(path) // 2)
 
 
-ACTIONS = {"before": _before, "after": _after, "torn": _torn, "partial": _partial, "enospc": _enospc, "bug": _bug}
+ACTIONS = {"before": _before, "after": _after, "torn": _torn, "partial": _partial, "enospc": _enospc, "bug": _bug,
+           "oom": _oom, "erofs": _erofs}

@@ -1,10 +1,11 @@
 """Config schema: YAML + CLI overrides; typos and wrong types fail at start-up with the key's name."""
 
 import textwrap
+import typing
 
 import pytest
 
-from utils.config import ConfigError, config_from_cli, load_config, validate
+from utils.config import DOMAINS, RELATIONS, ConfigError, config_from_cli, load_config, schema_types, validate
 
 # The original RAR training config (configs/training/generator/rar.yaml of the RAR release), verbatim keys.
 ORIGINAL_RAR_YAML = """
@@ -150,5 +151,119 @@ def test_baseline_configs():
 
 @pytest.mark.parametrize("key", ["experiment.log_every", "training.gradient_accumulation_steps", "sampling.per_proc_batch_size"])
 def test_zero_counts_are_errors(key):
-    with pytest.raises(ConfigError, match=rf"'{key}'.*0 \(must be at least 1\)"):
+    with pytest.raises(ConfigError, match=rf"'{key}' is 0 \(must be > 0\)$"):
         load_config("configs/rear_tiny.yaml", [f"{key}=0"])
+
+
+# ------------------------------------------------------------------------------------------- domains and relations
+def numeric(hint) -> bool:
+    """int, float, Optional of them, or a list of them (a dict of numbers is free-form: not a key's value)."""
+    args = typing.get_args(hint)
+    return hint in (int, float) or (typing.get_origin(hint) in (typing.Union, list) and any(a in (int, float)
+                                                                                            for a in args))
+
+
+def test_every_numeric_key_declares_its_domain():
+    """A key added without a domain fails here: give its `option(...)` one (utils/config.py, 'value domains')."""
+    numeric_keys = [key for key, hint in schema_types().items() if numeric(hint)]
+    assert len(numeric_keys) >= 85
+    assert [key for key in numeric_keys if key not in DOMAINS] == []
+
+
+def test_every_relation_names_keys_of_the_schema():
+    keys = schema_types()
+    assert len(RELATIONS) == 8 and all(key in keys for related, _ in RELATIONS for key in related)
+
+
+BAD = "bad config value in configs/rear_toy.yaml and the command line: "
+
+
+DOMAIN_CASES = [
+    ("training.max_grad_norm=nan", "'training.max_grad_norm' is nan (must be finite)"),
+    ("optimizer.params.learning_rate=nan", "'optimizer.params.learning_rate' is nan (must be finite and > 0)"),
+    ("optimizer.params.learning_rate=-1", "'optimizer.params.learning_rate' is -1.0 (must be > 0)"),
+    ("lr_scheduler.params.learning_rate=nan", "'lr_scheduler.params.learning_rate' (nan) differs from "
+     "'optimizer.params.learning_rate' (0.004); set one from the other: ${optimizer.params.learning_rate}"),
+    ("lr_scheduler.params.warmup_steps=-10", "'lr_scheduler.params.warmup_steps' is -10 (must be >= 0)"),
+    ("sampling.temperature=inf", "'sampling.temperature' is inf (must be finite and > 0)"),
+    ("sampling.guidance_scale=-1", "'sampling.guidance_scale' is -1.0 (must be >= 0)"),
+    ("sampling.seed=-1", "'sampling.seed' is -1 (must be in [0, 2^31))"),
+    ("sampling.top_p=0", "'sampling.top_p' is 0.0 (must be in (0, 1])"),
+    ("model.generator.dropout=1", "'model.generator.dropout' is 1.0 (must be in [0, 1))"),
+    ("dataset.toy.num_classes=11", "'dataset.toy.num_classes' is 11 (must be in [1, 10])"),
+    ("training.seed=9223372036854775808", "'training.seed' is 9223372036854775808 (must fit in 64 bits)"),
+    ("model.generator.guidance_window=[0.5,0.2]", "'model.generator.guidance_window' is [0.5, 0.2]: its end is "
+     "before its start"),
+    ("model.generator.guidance_window=[0.5]", "'model.generator.guidance_window' is [0.5] (must be 2 numbers in "
+     "[0, 1])"),
+    ("model.vq_model.channel_mult=[1,0]", "'model.vq_model.channel_mult' is [1, 0] (must be a non-empty list of "
+     "numbers > 0)"),
+    ("model.generator.num_attention_heads=5", "'model.generator.hidden_size' (96) is not a multiple of "
+     "'model.generator.num_attention_heads' (5)"),
+    ("model.generator.decode_align_layer_idx=4", "'model.generator.decode_align_layer_idx' is 4, outside the 4 "
+     "blocks (0..3)"),
+    ("model.generator.randomness_anneal_start=900", "'model.generator.randomness_anneal_end' (800) is before "
+     "'randomness_anneal_start' (900)"),
+    ("sampling.num_samples=15", "'sampling.num_samples' (15) is not a multiple of the 10 classes "
+     "('model.generator.condition_num_classes'): every class gets the same number of samples"),
+    ("experiment.output_dir=README.md", "'experiment.output_dir' is 'README.md' (must be a folder, made if missing; "
+     "not a file)"),
+    ("experiment.init_weight=configs", "'experiment.init_weight' is 'configs' (must be a weights file or a released "
+     "name, not a folder)"),
+    ("dataset.params.pretokenization=configs", "'dataset.params.pretokenization' is 'configs' (must be a file, not a "
+     "folder)"),
+]
+
+
+@pytest.mark.parametrize("override, line", DOMAIN_CASES, ids=[override for override, _ in DOMAIN_CASES])
+def test_a_value_outside_its_domain_is_one_line_naming_the_key(override, line):
+    with pytest.raises(ConfigError) as error:
+        load_config("configs/rear_toy.yaml", [override])
+    assert str(error.value) == BAD + line
+
+
+def test_every_problem_is_reported_one_line_each():
+    with pytest.raises(ConfigError) as error:
+        load_config("configs/rear_toy.yaml", ["training.max_grad_norm=nan", "sampling.seed=-1",
+                                              "model.generator.num_attention_heads=0", "model.generator.hidden_size=7",
+                                              "model.generator.num_hidden_layers=2"])
+    assert str(error.value).split("\n") == [BAD + line for line in (
+        "'model.generator.num_attention_heads' is 0 (must be > 0)",  # not also a division by zero
+        "'training.max_grad_norm' is nan (must be finite)",
+        "'sampling.seed' is -1 (must be in [0, 2^31))",
+        "'model.generator.decode_align_layer_idx' is 2, outside the 2 blocks (0..1)",
+    )]
+
+
+def test_a_value_in_its_domain_passes():
+    config = load_config("configs/rear_toy.yaml", ["training.max_grad_norm=0", "sampling.top_p=1",
+                                                   "model.generator.dropout=0", "experiment.keep_last_checkpoints=-1",
+                                                   "model.generator.cfg_interval=-1", "sampling.seed=2147483647"])
+    assert config.training.max_grad_norm == 0.0 and config.sampling.seed == 2**31 - 1
+
+
+@pytest.mark.parametrize("content, line", [
+    ("", "config file {P} is empty: it sets no section (experiment:, model:, ...)"),
+    ("# only a comment\n", "config file {P} is empty: it sets no section (experiment:, model:, ...)"),
+    (None, "config file {P} is a folder, not a YAML file"),
+])
+def test_an_empty_or_folder_config_file_is_refused(tmp_path, content, line):
+    path = tmp_path / "config.yaml"
+    path.mkdir() if content is None else path.write_text(content)
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert str(error.value) == line.format(P=path)
+
+
+def test_an_empty_value_for_a_key_that_needs_one_says_so():
+    with pytest.raises(ConfigError) as error:
+        load_config("configs/rear_toy.yaml", ["experiment.output_dir="])
+    assert str(error.value) == ("bad value for config key 'experiment.output_dir' in the command line: it is empty, "
+                                "but it needs a value of type str")
+
+
+def test_an_override_yaml_cannot_read_is_named():
+    with pytest.raises(ConfigError) as error:
+        load_config("configs/rear_toy.yaml", ["training.seed=3", "experiment.output_dir={name}/run"])
+    assert str(error.value) == ("command-line argument 'experiment.output_dir={name}/run' is not a value YAML can read "
+                                "(did not find expected <document start>); quote it: key='value'")

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from script_runner import ROOT
 from tiny_models import write_tiny_weights
-from utils.config import schema_fields
+from utils.config import DOMAINS, schema_fields
 
 TOY = ("scripts/train_rear.py config=configs/rear_toy.yaml experiment.output_dir={O}/run "
        "model.generator.hidden_size=32 model.generator.num_hidden_layers=2 model.generator.num_attention_heads=2 "
@@ -109,7 +109,7 @@ ROWS = [
         "not be converted to Integer"),
     Row("train: negative step count", TOY + " training.max_train_steps=-5", 2,
         "bad config value in configs/rear_toy.yaml and the command line: 'training.max_train_steps' is -5 "
-        "(must be at least 1)"),
+        "(must be > 0)"),
     Row("train: value not among the choices", TOY + " model.generator.perturb_mode=bogus", 2,
         "bad value for config key 'model.generator.perturb_mode' in the command line: 'bogus' is not one of "
         "[switch, mask, none]"),
@@ -127,8 +127,9 @@ ROWS = [
     Row("sample: no generator checkpoint", SAMPLE + " experiment.generator_checkpoint=", 2,
         "set experiment.generator_checkpoint=PATH (a local file or a released name, e.g. reAR-S.safetensors)"),
     Row("sample: sample count not a multiple of the classes", SAMPLE + " sampling.num_samples=7", 2,
-        "sampling.num_samples (7) must be a positive multiple of the 10 classes, so that every class gets the "
-        "same number of samples"),
+        "bad config value in configs/rear_tiny.yaml and the command line: 'sampling.num_samples' (7) is not a "
+        "multiple of the 10 classes ('model.generator.condition_num_classes'): every class gets the same number of "
+        "samples"),
     Row("sample: top_p out of range", SAMPLE + " sampling.top_p=2", 2,
         "bad config value in configs/rear_tiny.yaml and the command line: 'sampling.top_p' is 2.0 (must be in (0, 1])"),
     Row("pretokenize: no --data/--output", "scripts/pretokenization.py config=configs/rear_tiny.yaml", 2,
@@ -298,8 +299,10 @@ ROWS = [
         faults=({"target": "utils.training.resume:save_file", "action": "enospc", "match": "checkpoint"},),
         left=("run", "run/config.yaml", "run/tokenizer.safetensors", "run/checkpoints")),
     Row("train: file-size limit while saving (a real failed write)", TOY, 1,
-        "the disk is full: could not save checkpoint {O}/run/checkpoints/checkpoint-00000002 (…File too large…); "
-        "the earlier checkpoints are intact: free some space and rerun to resume",
+        "the file-size limit (ulimit -f: 50000 bytes) is reached: could not save checkpoint "
+        "{O}/run/checkpoints/checkpoint-00000002 ({O}/run/checkpoints/checkpoint-00000002.tmp-save/model.safetensors: "
+        "Error while serializing: I/O error: File too large (os error 27)); the earlier checkpoints are intact: raise "
+        "the limit (ulimit -f unlimited) and rerun to resume",
         faults=({"fsize_limit": 50_000},),
         left=("run", "run/config.yaml", "run/tokenizer.safetensors", "run/checkpoints")),
     Row("sample: disk full while writing a shard", SAMPLE, 1,
@@ -308,7 +311,8 @@ ROWS = [
         faults=({"target": "numpy:savez", "match": "batch_000001", "action": "enospc"},),
         left=("samples", "samples/sampling.json", "samples/shards", "samples/shards/batch_000000.npz")),
     Row("pretokenize: file-size limit while writing", PRETOK + " --batch_size 2 --augment ten_crop", 1,
-        "the disk is full ([Errno 27] File too large); free some space and rerun",
+        "the file-size limit (ulimit -f: 2500 bytes) is reached: could not write {O}/tokens.jsonl.part-0-of-1 "
+        "([Errno 27] File too large); raise the limit (ulimit -f unlimited) and rerun",
         faults=({"fsize_limit": 2_500},), left=("tokens.jsonl.part-0-of-1", "tokens.jsonl.part-0-of-1.settings.json")),
 ]
 
@@ -518,4 +522,5 @@ def test_help_lists_the_schema_keys_with_their_defaults(server, entry):
               if any(key == s or key.startswith(s + ".") for s in ENTRY_POINTS[entry])]
     assert len(listed) >= len(ENTRY_POINTS[entry])
     for key, default in listed:
-        assert re.search(rf"^  {re.escape(f'{key}={default}')}  +\S", text, re.MULTILINE), key
+        domain = rf".* \[{re.escape(DOMAINS[key].text)}\]$" if key in DOMAINS else ""  # e.g. [> 0]
+        assert re.search(rf"^  {re.escape(f'{key}={default}')}  +\S{domain}", text, re.MULTILINE), key

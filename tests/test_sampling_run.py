@@ -188,3 +188,38 @@ def test_refusal_on_rank_0_stops_every_rank_under_torchrun(weights, reference, t
     assert "rank 1: stopping, rank 0 failed" in result.stderr
     assert time.time() - start < 60  # not the barrier's timeout
     assert (tmp_path / "samples.npz").read_bytes() == reference  # untouched
+
+
+def test_damaged_shards_and_temporaries_of_a_killed_run_are_redrawn_and_removed(weights, reference, tmp_path):
+    """Shards damaged after they were written (empty, cut short, of another size) are found at the rerun and drawn
+    again (their samples are fixed by the seed and the batch), and a killed writer's temporary is removed."""
+    shards = tmp_path / "samples" / "shards"
+    shards.mkdir(parents=True)
+    (shards / "batch_000000.npz").write_bytes(b"")
+    np.savez(shards / "batch_000001.npz", arr_0=np.zeros((BATCH, 16, 16, 3), np.uint8),
+             tokens=np.zeros((BATCH, 16), np.int32), labels=np.zeros(BATCH, np.int64))
+    whole = (shards / "batch_000001.npz").read_bytes()
+    (shards / "batch_000001.npz").write_bytes(whole[: len(whole) // 2])
+    np.savez(shards / "batch_000002.npz", arr_0=np.zeros((1, 16, 16, 3), np.uint8),
+             tokens=np.zeros((1, 16), np.int32), labels=np.zeros(1, np.int64))
+    (shards / "batch_000003.npz.tmp-999").write_bytes(b"PK torn")
+    with pytest.warns(UserWarning) as warned:
+        run_in_process(weights, tmp_path / "samples")
+    assert [str(w.message) for w in warned] == [
+        f"shard {shards}/batch_000000.npz is damaged (BadZipFile: File is not a zip file); drawing its samples again",
+        f"shard {shards}/batch_000001.npz is damaged (BadZipFile: File is not a zip file); drawing its samples again",
+        f"shard {shards}/batch_000002.npz is damaged (its arr_0 holds 1 rows, not 3); drawing its samples again",
+    ]
+    assert (tmp_path / "samples.npz").read_bytes() == reference
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "samples", "samples.npz", "samples/sampling.json"]
+
+
+def test_a_leftover_temporary_in_the_shards_folder_is_removed_at_start(weights, tmp_path):
+    shards = tmp_path / "samples" / "shards"
+    shards.mkdir(parents=True)
+    (shards / "batch_000003.npz.tmp-999").write_bytes(b"PK torn")
+    from utils.fid_samples.run import prepare_sample_dir
+
+    prepare_sample_dir(str(tmp_path / "samples"), {"seed": 7})
+    assert sorted(p.name for p in shards.iterdir()) == []

@@ -215,3 +215,17 @@ def test_fp16_is_refused_at_start_up():
 
     with pytest.raises(ConfigError, match=r"'training.mixed_precision'.*'fp16' is not one of \[bf16, no\]"):
         load_config(None, ["training.mixed_precision=fp16"])
+
+
+def test_a_resume_with_no_intact_checkpoint_says_it_starts_from_step_0(tmp_path):
+    older, newer = save(tmp_path, 10, "ten"), save(tmp_path, 20, "twenty")
+    for checkpoint in (older, newer):
+        os.truncate(os.path.join(checkpoint, "model.txt"), 1)
+    warnings = []
+    assert latest_checkpoint(str(tmp_path), warn=warnings.append) is None
+    assert warnings == [
+        f"warning: checkpoint {path} is damaged (model.txt has 1 bytes, {size} were written); moved it to "
+        f"{path}.damaged and no intact checkpoint is left: starting from step 0"
+        for path, size in ((newer, 6), (older, 3))
+    ]
+    assert list_checkpoints(str(tmp_path)) == []

@@ -9,6 +9,7 @@ traceback; `--debug` (or `REAR_DEBUG=1`) shows the traceback of a user error too
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import warnings
@@ -17,9 +18,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig
 
-from utils.config import load_config, schema_fields, split_cli
-from utils.errors import OutputError, UsageError, UserError
-from utils.files import is_disk_full
+from utils.config import DOMAINS, load_config, schema_fields, split_cli
+from utils.errors import ConfigError, OutputError, UsageError, UserError
+from utils.files import write_stopped
 
 DEBUG_ENV = "REAR_DEBUG"
 
@@ -61,10 +62,12 @@ def help_text(script: Script) -> str:
         body = script.flags.format_help().split("\n\n", 1)[1]  # without argparse's usage paragraph
         lines += ["  " + line for line in body.splitlines() if line.strip()]
     if script.sections:
-        rows = [(key, default, text) for key, default, text in schema_fields()
+        rows = [(key, default, text + (f" [{DOMAINS[key].text}]" if key in DOMAINS else ""))
+                for key, default, text in schema_fields()
                 if any(key == s or key.startswith(s + ".") for s in script.sections)]
         width = max(len(f"{key}={default}") for key, default, _ in rows)
-        lines += ["", "main config keys (key=default; any schema key can be set, see docs/configuration.md):"]
+        lines += ["", "main config keys (key=default  what it does [its domain]; any schema key can be set, see "
+                  "docs/configuration.md):"]
         lines += [f"  {f'{key}={default}':<{width}}  {text}" for key, default, text in rows]
     lines += ["", "  --debug  show the full traceback of an error (or set REAR_DEBUG=1)", *script.notes]
     return "\n".join(lines)
@@ -121,6 +124,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def file_to_write(text: str) -> str:
+    """argparse `type` of a file a script writes: refused at once if it names a folder, not after the work."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file to write")
+    return text
+
+
 def torch_device(text: str) -> str:
     """argparse `type` of a torch device (cpu, cuda, cuda:1), checked before any work."""
     import torch
@@ -148,9 +158,10 @@ def one_line(err: BaseException) -> str:
 
 
 def report(err: UserError) -> int:
+    """`error: <message>` on stderr, one line (a config error: one line per problem it found)."""
     _close_progress_bars()
-    message = one_line(err)
-    print(f"error: {message}", file=sys.stderr)
+    for message in str(err).split("\n") if isinstance(err, ConfigError) else [one_line(err)]:
+        print(f"error: {message}", file=sys.stderr)
     return err.exit_code
 
 
@@ -170,6 +181,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     tqdm.write(f"warning: {message}", file=file or sys.stderr)
 
 
+def os_problem(err: OSError) -> Optional[str]:
+    """What the user can do about an OSError met outside the writers that name their files, or None (a bug)."""
+    stopped = write_stopped(err, err.filename)
+    if stopped is not None:
+        return str(stopped)
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{err.filename}: {err.strerror} (a read-only folder?); choose another path, or change its permissions"
+    return None
+
+
 def run(script: Script, main: Callable[[DictConfig, argparse.Namespace], object],
         argv: Optional[Sequence[str]] = None) -> None:
     """The `__main__` of a script: parse, run, and report a user error in one line (see the module docstring)."""
@@ -184,10 +205,11 @@ def run(script: Script, main: Callable[[DictConfig, argparse.Namespace], object]
         if debug_requested(argv):
             raise
         raise SystemExit(report(err)) from None
-    except OSError as err:  # a full disk, wherever it is met, is the user's to fix
-        if debug_requested(argv) or not is_disk_full(err):
+    except OSError as err:  # a full disk or a folder we may not write, wherever it is met, is the user's to fix
+        problem = None if debug_requested(argv) else os_problem(err)
+        if problem is None:
             raise
-        raise SystemExit(report(OutputError(f"the disk is full ({err}); free some space and rerun"))) from None
+        raise SystemExit(report(OutputError(problem))) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
@@ -198,5 +220,5 @@ def run(script: Script, main: Callable[[DictConfig, argparse.Namespace], object]
         warnings.showwarning = showwarning
 
 
-__all__ = ["Script", "flag_parser", "help_text", "non_negative_int", "parse", "positive_int", "report", "run",
-           "torch_device"]
+__all__ = ["Script", "file_to_write", "flag_parser", "help_text", "non_negative_int", "parse", "positive_int", "report",
+           "run", "torch_device"]

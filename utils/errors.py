@@ -40,4 +40,16 @@ class OutputError(UserError):
     """An output folder or file that a run must not overwrite or mix with, or a full disk."""
 
 
-__all__ = ["ConfigError", "DataError", "MissingWeightsError", "OutputError", "UsageError", "UserError", "WeightsError"]
+class ResourceError(UserError):
+    """A setting the machine cannot hold: a batch that does not fit in memory."""
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says memory ran out: CUDA's torch.OutOfMemoryError, the CPU allocator's RuntimeError, a
+    MemoryError."""
+    return (type(err).__name__ == "OutOfMemoryError" or isinstance(err, MemoryError)
+            or "can't allocate memory" in str(err))
+
+
+__all__ = ["ConfigError", "DataError", "MissingWeightsError", "OutputError", "ResourceError", "UsageError", "UserError",
+           "WeightsError", "out_of_memory"]

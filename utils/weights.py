@@ -99,6 +99,8 @@ def describe_file(path: Optional[str]) -> Optional[str]:
 # ----------------------------------------------------------------------------------------- reading a file
 def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     """A state dict from a `.safetensors` file or a torch `.bin`/`.pt`/`.pth` file, loaded weights-only."""
+    if os.path.isdir(path):
+        raise WeightsError(f"{path} is a folder, not a weights file")
     if not os.path.isfile(path):
         raise MissingWeightsError(f"weights file not found: {path}{where_published(path)}")
     if os.path.getsize(path) == 0:
@@ -106,10 +108,16 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
                            f"{where_published(path)}")
     if path.endswith(".safetensors"):
         return _load_safetensors(path)
+    with open(path, "rb") as f:
+        start = f.read(4)
+    zip_format = start == b"PK\x03\x04"
+    if not zip_format and not start.startswith(b"\x80"):  # torch.save writes a zip (before torch 1.6: a pickle)
+        raise WeightsError(f"{path} is not a weights file: neither a .safetensors file nor one torch.save writes "
+                           f"(it begins with {start!r})")
     try:
         # Training checkpoints of some originals also pickle the run's argparse.Namespace (a bag of plain values).
         with torch.serialization.safe_globals([argparse.Namespace]):
-            state = _torch_load(path)
+            state = _torch_load(path, zip_format)
     except pickle.UnpicklingError as err:
         # weights_only refuses any pickled object that is not a tensor or a plain container: such a file could run
         # code when loaded, so it is refused here too, whatever it holds.
@@ -129,10 +137,8 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _torch_load(path: str):
+def _torch_load(path: str, zip_format: bool):
     """Memory-mapped where the file allows it (a training checkpoint's optimizer state is then never read)."""
-    with open(path, "rb") as f:
-        zip_format = f.read(4) == b"PK\x03\x04"
     return torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
 
 
@@ -226,6 +232,9 @@ def resolve_weights(path_or_name: str, hub_repo: Optional[str] = None, local_opt
     size) and how to pass a local copy (`local_option`, e.g. "experiment.generator_checkpoint=PATH")."""
     if os.path.isfile(path_or_name):
         return path_or_name
+    if os.path.isdir(path_or_name):
+        raise WeightsError(f"{path_or_name} is a folder, not a weights file"
+                           + (f"; pass the file with {local_option}" if local_option else ""))
     name = os.path.basename(path_or_name)
     entry = PUBLISHED.get(name)
     repo = hub_repo or (entry.repo if entry else None)

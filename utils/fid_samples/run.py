@@ -16,8 +16,9 @@ import glob
 import math
 import os
 import shutil
+import warnings
 import zipfile
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -71,6 +72,25 @@ def npz_path(sample_dir: str) -> str:
     return sample_dir.rstrip("/") + ".npz"
 
 
+def shard_problem(path: str, rows: int) -> Optional[str]:
+    """What is wrong with the shard at `path`, which should hold `rows` samples (a truncated or empty file, a member
+    missing or of another length), or None. Only the headers are read: a shard is renamed into place whole, so what
+    damages one comes from outside (a copy, a disk), and the .npz's merge reads every byte against its checksum."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in MEMBERS:
+                with archive.open(f"{name}.npy") as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape = read_header(member)[0]
+                if shape[:1] != (rows,):
+                    return f"its {name} holds {shape[0] if shape else 0} rows, not {rows}"
+    except (zipfile.BadZipFile, KeyError, ValueError, EOFError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def save_shard(path: str, arrays: Dict[str, np.ndarray]) -> None:
     """One batch's arrays as an uncompressed `.npz`, atomically (a rerun after a crash sees all of it or none)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -82,6 +102,7 @@ def prepare_sample_dir(sample_dir: str, settings: dict) -> bool:
     (samples of other settings or another checkpoint must not end up in one file). True if `DIR.npz` is complete.
     Called once the models have loaded, so that a run that fails at start-up leaves no folder behind."""
     remove_temporaries(sample_dir)  # what a killed run was writing
+    remove_temporaries(os.path.join(sample_dir, "shards"))
     remove_temporaries_of(npz_path(sample_dir))
     path = os.path.join(sample_dir, "sampling.json")
     recorded = None
@@ -108,6 +129,20 @@ def prepare_sample_dir(sample_dir: str, settings: dict) -> bool:
     if recorded != settings:  # a new folder, or one where nothing was made yet: the settings of this run
         write_json(path, settings)
     return complete
+
+
+def discard_unused(sample_dir: str) -> None:
+    """Remove what `prepare_sample_dir` made when no sample was made since: a run that fails before its first
+    shard leaves nothing behind."""
+    shards = os.path.join(sample_dir, "shards")
+    if os.path.exists(npz_path(sample_dir)) or glob.glob(os.path.join(glob.escape(shards), "*.npz")):
+        return
+    shutil.rmtree(shards, ignore_errors=True)
+    for leftover in (os.path.join(sample_dir, "sampling.json"), sample_dir):
+        if os.path.isfile(leftover):
+            os.remove(leftover)
+        elif os.path.isdir(leftover) and not os.listdir(leftover):
+            os.rmdir(leftover)
 
 
 def write_npz_from_shards(path: str, shard_paths: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
@@ -164,8 +199,8 @@ def make_shards(
     labels = class_labels(num_samples, num_classes)
     bounds = batch_bounds(num_samples, batch_size)
     mine = batches_of_rank(len(bounds), rank, world_size)
-    todo = {b for b in mine if not os.path.isfile(shard_path(sample_dir, b))}
     rows = {b: bounds[b][1] - bounds[b][0] for b in mine}
+    todo = {b for b in mine if not usable_shard(shard_path(sample_dir, b), rows[b])}
     bar = tqdm(total=sum(rows.values()), initial=sum(rows.values()) - sum(rows[b] for b in todo), unit="img",
                desc=f"sampling, rank 0 of {world_size}", disable=rank != 0)
     rounds = math.ceil(len(bounds) / world_size)
@@ -187,16 +222,25 @@ def make_shards(
     return True
 
 
+def usable_shard(path: str, rows: int) -> bool:
+    """Whether the shard at `path` exists whole; a damaged one is deleted, with a warning, to be drawn again (its
+    samples are fixed by the seed and the batch)."""
+    if not os.path.isfile(path):
+        return False
+    problem = shard_problem(path, rows)
+    if problem is not None:
+        warnings.warn(f"shard {path} is damaged ({problem}); drawing its samples again")
+        os.remove(path)
+    return problem is None
+
+
 def merge_shards(sample_dir: str, num_samples: int, batch_size: int) -> Dict[str, Tuple[int, ...]]:
     """Write `DIR.npz` from the shards of every batch, then remove the shards (the .npz holds them)."""
     bounds = batch_bounds(num_samples, batch_size)
     paths = [shard_path(sample_dir, b) for b in range(len(bounds))]
     for path, (start, end) in zip(paths, bounds):
-        if not os.path.isfile(path):
+        if not usable_shard(path, end - start):
             raise UserError(f"shard {path} is missing: rerun the same command to make it")
-        with np.load(path) as shard:
-            if len(shard["arr_0"]) != end - start:
-                raise UserError(f"shard {path} does not hold {end - start} images; delete it and rerun")
     shapes = write_npz_from_shards(npz_path(sample_dir), paths)
     shutil.rmtree(os.path.join(sample_dir, "shards"))
     return shapes
@@ -207,11 +251,14 @@ __all__ = [
     "batch_seed",
     "batches_of_rank",
     "class_labels",
+    "discard_unused",
     "make_shards",
     "merge_shards",
     "npz_path",
     "prepare_sample_dir",
     "save_shard",
     "shard_path",
+    "shard_problem",
+    "usable_shard",
     "write_npz_from_shards",
 ]

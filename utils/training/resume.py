@@ -29,7 +29,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from utils.errors import OutputError, UserError
-from utils.files import TEMPORARY_MARK, atomic_path, is_disk_full, remove_temporaries
+from utils.files import (
+    TEMPORARY_MARK,
+    WriteStopped,
+    atomic_path,
+    follow_umask,
+    remove_temporaries,
+    write_stopped,
+    writing,
+)
 from utils.weights import load_checked
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -117,17 +125,22 @@ def damage(directory: str) -> Optional[str]:
 
 def latest_checkpoint(output_dir: str, warn: Callable[[str], None] = print) -> Optional[str]:
     """The newest intact checkpoint. Damaged ones are renamed `<name>.damaged` (kept for inspection, never loaded
-    or counted again) with a warning that names them."""
-    for directory in reversed(list_checkpoints(output_dir)):
-        problem = damage(directory)
-        if problem is None:
-            return directory
-        aside = f"{directory}.damaged"
-        shutil.rmtree(aside, ignore_errors=True)
-        os.rename(directory, aside)
-        warn(f"warning: checkpoint {directory} is damaged ({problem}); moved it to {aside} "
-             "and resuming from the newest intact one")
-    return None
+    or counted again) with a warning that names them and says where training goes on from."""
+    checkpoints = list_checkpoints(output_dir)
+    problems = {}
+    for directory in reversed(checkpoints):
+        problems[directory] = damage(directory)
+        if problems[directory] is None:
+            break
+    intact = next((d for d, problem in problems.items() if problem is None), None)
+    goes_on = "resuming from the newest intact one" if intact else "no intact checkpoint is left: starting from step 0"
+    for directory, problem in problems.items():
+        if problem is not None:
+            aside = f"{directory}.damaged"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(directory, aside)
+            warn(f"warning: checkpoint {directory} is damaged ({problem}); moved it to {aside} and {goes_on}")
+    return intact
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -167,7 +180,7 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
             os.makedirs(tmp)
         barrier()
-        torch.save(rng_state(), os.path.join(tmp, f"rng_state_{rank}.pt"))
+        write_file(torch.save, rng_state(), os.path.join(tmp, f"rng_state_{rank}.pt"))
         barrier()
         if rank == 0:
             write_shared(tmp)
@@ -177,15 +190,18 @@ def save_checkpoint(
             for name in os.listdir(tmp):
                 with open(os.path.join(tmp, name), "rb") as f:
                     os.fsync(f.fileno())
+            follow_umask(tmp)
             if os.path.exists(final):  # the same step saved again (a resumed run that ends where it began)
                 shutil.rmtree(final)
             os.rename(tmp, final)
     except BaseException as err:
+        stopped = err if isinstance(err, WriteStopped) else write_stopped(err, tmp) if isinstance(err, Exception) \
+            else None
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(err) or "unexpected pos" in str(err):
-            raise OutputError(f"the disk is full: could not save checkpoint {final} ({str(err).splitlines()[0]}); "
-                              "the earlier checkpoints are intact: free some space and rerun to resume") from None
+        if stopped is not None:
+            raise OutputError(f"{stopped.what}: could not save checkpoint {final} ({stopped.detail}); the earlier "
+                              f"checkpoints are intact: {stopped.remedy} and rerun to resume") from None
         raise
     barrier()
     return final
@@ -196,13 +212,19 @@ def write_training_state(directory: str, model, optimizer, scheduler, ema=None, 
     by a diverged one."""
     weights = model.state_dict()
     check_finite(weights, "the generator")
-    save_file(contiguous(weights), os.path.join(directory, "model.safetensors"))
+    write_file(save_file, contiguous(weights), os.path.join(directory, "model.safetensors"))
     if ema is not None:
-        save_file(contiguous(ema.state_dict()), os.path.join(directory, "ema.safetensors"))
-    torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
-    torch.save(scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+        write_file(save_file, contiguous(ema.state_dict()), os.path.join(directory, "ema.safetensors"))
+    write_file(torch.save, optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+    write_file(torch.save, scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
     if scaler is not None:
-        torch.save(scaler.state_dict(), os.path.join(directory, "scaler.pt"))
+        write_file(torch.save, scaler.state_dict(), os.path.join(directory, "scaler.pt"))
+
+
+def write_file(save: Callable[[object, str], None], data: object, path: str) -> None:
+    """`save(data, path)` (save_file, torch.save) for one file of a checkpoint; a full disk names the file."""
+    with writing(path):
+        save(data, path)
 
 
 def prune_checkpoints(output_dir: str, keep: int) -> None:
