@@ -40,7 +40,10 @@ def submit(kind: str, args, folder: Path, srun_exit: int = 0, **env):
 def test_help_says_how_to_submit(kind):
     result = subprocess.run(["bash", str(SCRIPTS[kind]), "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    assert result.stdout.splitlines()[2].strip().startswith("sbatch --nodes=2 --gpus-per-node=8")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("usage: sbatch ") and f"scripts_bash/slurm_{kind}.sh" in lines[0]
+    example = lines[lines.index("example:") + 1:]
+    assert any(f"sbatch --nodes=2 --gpus-per-node=8" in line and f"slurm_{kind}.sh" in line for line in example)
     assert "docs/cluster.md" in result.stdout and "#SBATCH" not in result.stdout
 
 

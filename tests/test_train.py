@@ -17,6 +17,7 @@ from modeling.rear import ReAR
 from modeling.objective import Objective
 from utils.config import config_from_cli, load_config
 from utils.errors import OutputError
+from utils.training.batch_plan import batch_plan
 from utils.training.resume import NonFiniteError, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,25 +187,27 @@ REAR_LOSS = "The loss is CE + 1 x (encode + decode alignment), each alignment te
 
 @pytest.mark.parametrize("overrides, processes, method, rest", [
     (["model.generator.perturb_mode=none", "model.generator.transition_alignment=False"], 1, "plain AR",
-     "1 process on cpu, global batch 8, 40 steps, fp32. The loss is the cross-entropy (CE)."),
+     "on cpu: 1 process x 8 per GPU x 1 accumulation = global batch 8, 40 steps, fp32. The loss is the "
+     "cross-entropy (CE)."),
     ([], 2, "noisy context (switch), alignment (encode + decode)",
-     "2 processes on cpu, global batch 16, 40 steps, fp32. " + REAR_LOSS),
+     "on cpu: 2 processes x 8 per GPU x 1 accumulation = global batch 16, 40 steps, fp32. " + REAR_LOSS),
     (["model.generator.decode_align=False", "training.mixed_precision=bf16", "model.generator.perturb_mode=mask"], 1,
-     "noisy context (mask), alignment (encode)", "1 process on cpu, global batch 8, 40 steps, bf16 autocast. The loss "
-     "is CE + 1 x (encode alignment), the alignment term a mean of -cos, so it can be negative."),
+     "noisy context (mask), alignment (encode)", "on cpu: 1 process x 8 per GPU x 1 accumulation = global batch 8, "
+     "40 steps, bf16 autocast. The loss is CE + 1 x (encode alignment), the alignment term a mean of -cos, so it "
+     "can be negative."),
     (["model.generator.encode_align=False", "model.generator.transition_alignment_weight=0.5",
       "training.stop_steps=10", "model.generator.order=random", "model.generator.perturb_mode=none"], 3,
-     "alignment (decode), RAR order", "3 processes on cpu, global batch 24, stopping at step 10 of a 40-step "
-     "schedule, fp32. The loss is CE + 0.5 x (decode alignment), the alignment term a mean of -cos, so it can be "
+     "alignment (decode), RAR order", "on cpu: 3 processes x 8 per GPU x 1 accumulation = global batch 24, "
+     "stopping at step 10 of a 40-step schedule, fp32. The loss is CE + 0.5 x (decode alignment), the alignment term a mean of -cos, so it can be "
      "negative."),
 ], ids=["plain AR", "reAR, 2 processes", "EN only, bf16", "DE only, RAR, stop_steps"])
 def test_the_start_up_lines_describe_the_run(overrides, processes, method, rest):
     config = load_config(str(ROOT / "configs" / "rear_tiny.yaml"), ["experiment.max_train_examples=256", *overrides])
     generator = ReAR(config)
     recorder = Recorder(processes)
-    train_rear.describe_run(recorder, config, list(range(256)), generator)
+    train_rear.describe_run(recorder, config, list(range(256)), generator, batch_plan(config.training, processes))
     assert recorder.lines == [
-        f"training rar: {generator.num_parameters() / 1e6:.1f}M parameters, {method}; {rest}",
+        f"training rar: {generator.num_parameters() / 1e6:.1f}M parameters, {method} {rest}",
         "data: 256 sequences; an 'epoch' in the logs is experiment.max_train_examples = 256 samples, so one pass "
         "over the data is 1 epoch (ten-crop pre-tokenized ImageNet: 10 epochs a pass)",
     ]
