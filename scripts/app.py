@@ -108,9 +108,6 @@ def request_config(config, schedule: str, scale: float, power: float, temperatur
     off: every token)."""
     if any(value is None for value in (scale, power, temperature)):
         raise UsageError("guidance scale, power and temperature need a value")
-    if scale < 0 or power < 0:  # no key of the config bounds them; a negative power makes the first scale infinite
-        raise UsageError(f"the guidance scale and its power must be at least 0 (scale 0: no guidance), got scale "
-                         f"{scale} and power {power}")
     if schedule not in GUIDANCE_SCHEDULES:
         raise UsageError(f"guidance schedule '{schedule}' is not one of {', '.join(sorted(GUIDANCE_SCHEDULES))}")
     if top_k and top_k != int(top_k):

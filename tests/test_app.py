@@ -156,8 +156,7 @@ def test_the_page_draws_what_the_demo_draws_and_says_what_is_wrong(toy_app, tmp_
         assert saved["class_ids"].tolist() == [3, 3, 7, 7] and int(saved["seed"]) == 5
         assert np.array_equal(saved["tokens"], generated_tokens(run, [3, 3, 7, 7], 5))
     assert too_many == "images per class (at most 64 images in all) must be a whole number from 1 to 32, got 40"
-    assert negative == ("the guidance scale and its power must be at least 0 (scale 0: no guidance), got scale -2 and "
-                        "power 1")
+    assert negative == "bad config value in the page's settings: 'sampling.guidance_scale' is -2.0 (must be >= 0)"
     assert top_p == "bad config value in the page's settings: 'sampling.top_p' is 1.5 (must be in (0, 1])"
 
 
@@ -202,13 +201,13 @@ def test_page_inputs_are_checked_in_the_configs_domains():
          "the seed must be a whole number from 0 to 9223372036854775807, got -1"),
         (lambda: app.request_config(config, "cosine_power", 3.0, 1.0, 1.0, 2.5, 1.0), "top-k must be a whole number, got 2.5"),
         (lambda: app.request_config(config, "cosine_power", 3.0, -1.0, 1.0, 0, 1.0),
-         "the guidance scale and its power must be at least 0 (scale 0: no guidance), got scale 3.0 and power -1.0"),
+         "bad config value in the page's settings: 'sampling.guidance_scale_pow' is -1.0 (must be >= 0)"),
         (lambda: app.request_config(config, "cosine_power", 3.0, 1.0, None, 0, 1.0),
          "guidance scale, power and temperature need a value"),
         (lambda: app.request_config(config, "cosine_power", 3.0, 1.0, 0.0, 0, 1.0),
-         "bad config value in the page's settings: the sampling temperature is 0.0 (must be positive)"),
+         "bad config value in the page's settings: 'sampling.temperature' is 0.0 (must be > 0)"),
         (lambda: app.request_config(config, "cosine_power", 3.0, 1.0, 1.0, -2, 1.0),
-         "bad config value in the page's settings: 'sampling.top_k' is -2 (must be at least 1)"),
+         "bad config value in the page's settings: 'sampling.top_k' is -2 (must be > 0)"),
         (lambda: app.request_config(config, "cosine", 3.0, 1.0, 1.0, 0, 1.0),
          "guidance schedule 'cosine' is not one of constant, cosine_power, linear, linear_re, rectangular, step, "
          "triangular"),

@@ -39,9 +39,10 @@ from utils.config import (
     TOKENIZER_WEIGHTS,
     WEIGHTS,
     ConfigError,
+    apply_overrides,
+    check,
     load_config,
     schema_types,
-    with_overrides,
 )
 from utils.errors import out_of_memory
 
@@ -97,7 +98,8 @@ CASES = [(key, value, must) for key in schema_types() for value, must in hostile
 def refusal(key: str, value: str, inputs: str) -> Optional[str]:
     """The error line loading the tiny config with `key=value` gives (None: the value is accepted)."""
     try:
-        with_overrides(base_config(), [f"{key}={value.replace('{F}', inputs)}"], TINY)
+        overridden = apply_overrides(base_config(), [f"{key}={value.replace('{F}', inputs)}"], TINY)
+        check(overridden, f"{TINY} and the command line")  # as load_config(TINY, overrides) says it
     except ConfigError as err:
         return str(err)
     return None
@@ -276,7 +278,7 @@ ISSUE_CASES = [
         "the file-size limit (ulimit -f: 990000 bytes) is reached: could not save checkpoint "
         "{O}/run/checkpoints/checkpoint-00000002 ({O}/run/checkpoints/checkpoint-00000002.tmp-save/optimizer.pt: …); "
         "the earlier checkpoints are intact: raise the limit (ulimit -f unlimited) and rerun to resume",
-        faults=({"fsize_limit": 990_000},), left=("run", "run/config.yaml", "run/checkpoints")),
+        faults=({"fsize_limit": 990_000},), left=("run", "run/config.yaml", "run/tokenizer.safetensors", "run/checkpoints")),
 ]
 
 

@@ -812,11 +812,12 @@ def merged_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> 
     config = OmegaConf.structured(ReARConfig)
     if path is not None:
         config = _merge(config, _load_yaml(path), path)
-    return _overridden(config, overrides, path)
+    return apply_overrides(config, overrides, path)
 
 
-def _overridden(config: DictConfig, overrides: Sequence[str] = (), path: Optional[str] = None) -> DictConfig:
-    """`config` (loaded from the YAML file `path`, if any) with `overrides` merged in and resolved (not checked)."""
+def apply_overrides(config: DictConfig, overrides: Sequence[str] = (), path: Optional[str] = None) -> DictConfig:
+    """`config` (loaded from the YAML file `path`, if any) with `overrides` merged in and resolved; not checked
+    (`load_config` checks the result, `with_overrides` is the checked form for a loaded config)."""
     config = _merge(config, parse_overrides(overrides), "the command line")
     try:
         OmegaConf.resolve(config)
@@ -867,6 +868,7 @@ __all__ = [
     "Domain",
     "RELATIONS",
     "ReARConfig",
+    "apply_overrides",
     "canonical_choice",
     "check",
     "closest_key",
