@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
@@ -148,6 +149,8 @@ def main(config, flags=None) -> dict:
     start_trackers(accelerator, config, tracker, out)
     window = MetricWindow(device)
     describe_run(accelerator, config, dataset, generator, plan)
+    if accelerator.is_main_process:
+        warn_if_warmup_outlasts_the_run(config)
     progress = tqdm(total=last_step, initial=step, disable=not accelerator.is_main_process, desc="train")
     max_grad_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
     window_start = (time.time(), step)
@@ -267,6 +270,16 @@ def out_of_memory_error(err: BaseException, step: int, plan, t, device, remove: 
         f"out of memory at step {step + 1} with training.per_gpu_batch_size={plan.per_gpu} on {device} "
         f"({str(err).splitlines()[0]}); use a smaller training.per_gpu_batch_size ({keep}), or "
         "model.generator.use_checkpoint=True")
+
+
+def warn_if_warmup_outlasts_the_run(config) -> None:
+    """A warm-up longer than the run is well defined (the rate rises to the end) and fine for a smoke test, but in a
+    real run it is a mistake: said, not refused (as torchtitan does; it also shortens the warm-up, which we do not)."""
+    warmup, steps = config.lr_scheduler.params.warmup_steps, config.training.max_train_steps
+    if warmup > steps:
+        warnings.warn(f"'lr_scheduler.params.warmup_steps' ({warmup}) is longer than 'training.max_train_steps' "
+                      f"({steps}): the learning rate rises for the whole run and never reaches its peak "
+                      f"{config.optimizer.params.learning_rate:g}")
 
 
 def warn_if_global_batch_changed(accelerator, state: dict, plan) -> None:

@@ -35,7 +35,7 @@ TOY = ("scripts/train_rear.py config=configs/rear_toy.yaml experiment.output_dir
        "model.generator.hidden_size=32 model.generator.num_hidden_layers=2 model.generator.num_attention_heads=2 "
        "model.generator.intermediate_size=64 model.generator.decode_align_layer_idx=1 "
        "model.generator.projection_dim=32 dataset.toy.num_images=256 training.per_gpu_batch_size=8 "
-       "sampling.num_samples=10 training.max_train_steps=4 experiment.save_every=2")
+       "sampling.num_samples=10 training.max_train_steps=4 lr_scheduler.params.warmup_steps=2 experiment.save_every=2")
 TINY = ("scripts/train_rear.py config=configs/rear_tiny.yaml experiment.output_dir={O}/run "
         "experiment.tokenizer_checkpoint={F}/tiny_vqgan.safetensors")
 SAMPLE = ("scripts/sample_imagenet_rear.py config=configs/rear_tiny.yaml experiment.output_dir={O}/samples "

@@ -182,7 +182,7 @@ TOY = (f"{ROOT}/scripts/train_rear.py config={ROOT}/configs/rear_toy.yaml experi
        "model.generator.hidden_size=32 model.generator.num_hidden_layers=2 model.generator.num_attention_heads=2 "
        "model.generator.intermediate_size=64 model.generator.decode_align_layer_idx=1 "
        "model.generator.projection_dim=32 dataset.toy.num_images=64 training.per_gpu_batch_size=8 "
-       "sampling.num_samples=10 training.max_train_steps=4 experiment.save_every=2")
+       "sampling.num_samples=10 training.max_train_steps=4 lr_scheduler.params.warmup_steps=2 experiment.save_every=2")
 SAMPLE = ENTRY_POINTS["sample"].replace(" {KV}", "") + " sampling.num_samples=10 sampling.per_proc_batch_size=5"
 BAD_TOY = f"bad config value in {ROOT}/configs/rear_toy.yaml and the command line: "
 BAD_TINY = f"bad config value in {TINY} and the command line: "

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,17 @@ def test_the_start_up_lines_describe_the_run(overrides, processes, method, rest)
         "data: 256 sequences; an 'epoch' in the logs is experiment.max_train_examples = 256 samples, so one pass "
         "over the data is 1 epoch (ten-crop pre-tokenized ImageNet: 10 epochs a pass)",
     ]
+
+
+def test_a_warm_up_longer_than_the_run_is_said_not_refused():
+    """A smoke run of a released config (2 steps of a 62,500-step warm-up) is allowed; the warning names both keys."""
+    short = load_config(str(ROOT / "configs" / "rear_s.yaml"), ["training.max_train_steps=2"])
+    with pytest.warns(UserWarning) as caught:
+        train_rear.warn_if_warmup_outlasts_the_run(short)
+    assert [str(w.message) for w in caught] == [
+        "'lr_scheduler.params.warmup_steps' (62500) is longer than 'training.max_train_steps' (2): the learning rate "
+        "rises for the whole run and never reaches its peak 0.0004"]
+    full = load_config(str(ROOT / "configs" / "rear_s.yaml"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_rear.warn_if_warmup_outlasts_the_run(full)  # 62,500 of 250,000: nothing to say
