@@ -105,7 +105,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "campaign: a long fault campaign; run with `python -m pytest -m campaign tests`")
     config.addinivalue_line("markers", "cluster: several processes or simulated nodes under torchrun / accelerate "
                             "launch (gloo on CPUs); run with `python -m pytest -m cluster tests`")
-    config.addinivalue_line("markers", "registry: the built-in backbones and MaskGIT-VQGAN through the whole path of "
+    config.addinivalue_line("markers", "registry: every built-in backbone and tokenizer through the whole path of "
                                        "tests/test_bring_your_own.py; run with `python -m pytest -m registry tests`")
     config.addinivalue_line("markers", "fuzz: every hostile value of every key through every entry point; run with "
                                        "`python -m pytest -m fuzz tests/test_fuzz.py`")

@@ -12,44 +12,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from conftest import load_script
 from modeling import load_generator
 from modeling.tokenizers import build_tokenizer
-from tiny_models import TINY_CONFIG, one_thread
+from tiny_models import TINY_CONFIG, TINY_TOKENIZERS, one_thread, random_weights
 from utils.config import load_config
 from utils.data.images import center_crop_arr, to_tensor
 
-# Tiny versions of each tokenizer, in its original YAML's `vq_model` keys (sizes the original fixes in code go
-# through `architecture`), with the crop size it reads and its number of tokens N.
-TOKENIZERS = {
-    "titok": dict(  # two-stage (TiTok-B-64's kind): a ViT to logits over a pixel codebook, MaskGIT-VQGAN pixels
-        vq_model=dict(model_type="titok", codebook_size=64, token_size=6, use_l2_norm=True, num_latent_tokens=8,
-                      vit_enc_model_size="a", vit_dec_model_size="b", vit_enc_patch_size=4, vit_dec_patch_size=2,
-                      vit_model_sizes={"a": [16, 2, 2], "b": [24, 2, 3]}, finetune_decoder=True, is_legacy=True,
-                      pixel_decoder_config=dict(channel_mult=[1, 1], num_resolutions=2, hidden_channels=32,
-                                                num_res_blocks=1, z_channels=8, codebook_size=32, token_size=8)),
-        crop=16, tokens=8),
-    "vqplus": dict(  # the reAR release's name for VQGAN+; f4: 4 x 4 tokens
-        vq_model=dict(model_type="vqplus", quantizer_type="lookup", codebook_size=64, token_size=8, hidden_channels=32,
-                      channel_mult=[1, 1, 2], num_resolutions=3, num_res_blocks=1, sample_with_conv=True),
-        crop=16, tokens=16),
-    "alitok": dict(  # 3 prefix tokens + 4 x 4 patch tokens
-        vq_model=dict(model_type="alitok", codebook_size=64, token_size=8, num_latent_tokens=19,
-                      architecture=dict(patch_size=4, encoder_width=32, encoder_layers=2, encoder_heads=2,
-                                        decoder_width=32, decoder_layers=2, decoder_heads=4, decoder_class_tokens=4)),
-        crop=16, tokens=19),
-    "retok": dict(  # the released path at 64 x 64, the smallest its 256 queries allow
-        vq_model=dict(model_type="retok", codebook_size=512, token_size=8, codebook_embed_dim=8,
-                      encoder_ch_mult=[1, 2, 2], decoder_ch_mult=[1, 1, 2], encoder_size="enc", decoder_size="dec",
-                      z_channels=32, multi_level_query_init=True, adaptive_gn=True, d2s_up=True, use_attn=False,
-                      distill_depth=2, out_inner_dim=16,
-                      architecture=dict(ch=32, vit_sizes={"enc": [32, 2, 2], "dec": [48, 3, 4]})),
-        crop=64, tokens=256),
-}
 # A generator over ReTok's first 48 tokens: the data keeps all 256, training reads 48, decoding takes 48.
-TOKENIZERS["retok_first_48"] = {**TOKENIZERS["retok"], "generator_tokens": 48}
+TOKENIZERS = {**TINY_TOKENIZERS, "retok_first_48": {**TINY_TOKENIZERS["retok"], "generator_tokens": 48}}
 GENERATOR = dict(num_hidden_layers=2, decode_align_layer_idx=1, condition_num_classes=2)
 
 
@@ -72,13 +45,6 @@ def write_config(path, name: str, **extra) -> str:
         "model": {"vq_model": {**case["vq_model"], "pretrained_tokenizer_weight": None}, "generator": generator},
         "dataset": {"preprocessing": {"crop_size": case["crop"]}}}, extra)
     OmegaConf.save(config, path)
-    return str(path)
-
-
-def random_weights(config_path, path) -> str:
-    """The tokenizer of the config with random weights (seed 0), saved to `path`."""
-    torch.manual_seed(0)
-    save_file(build_tokenizer(load_config(config_path), random_weights=True).state_dict(), str(path))
     return str(path)
 
 
