@@ -217,8 +217,10 @@ def test_a_global_batch_that_does_not_divide_stops_every_process_in_one_line(tmp
     result = launch(two_processes(), "scripts/train_rear.py", arguments(TRAIN, out) + ["training.global_batch_size=7"])
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert lines == ["error: training.global_batch_size 7 does not divide among 2 processes: choose a global batch "
-                     "that is a multiple of the number of processes (e.g. 6), or another number of processes"] * 2
+    # Each process finds it alone; the launcher may end the second before it prints, once the first has failed.
+    assert 1 <= len(lines) <= 2 and set(lines) == {
+        "error: training.global_batch_size 7 does not divide among 2 processes: choose a global batch that is a "
+        "multiple of the number of processes (e.g. 6), or another number of processes"}
     assert not out.exists()
 
 
