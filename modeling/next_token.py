@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils.config import register_choice
+from utils.config import register_entry
 
 MIN_TEMPERATURE = 1e-5  # GigaTok's floor (a lower positive temperature divides by it); RAR and AliTok have none
 DEFAULT_GUIDANCE_WINDOW = (0.18, 1.0)
@@ -55,14 +55,8 @@ GUIDANCE_SCHEDULES: Dict[str, GuidanceSchedule] = {}
 
 
 def register_guidance_schedule(name: str) -> Callable[[GuidanceSchedule], GuidanceSchedule]:
-    def register(schedule: GuidanceSchedule) -> GuidanceSchedule:
-        if name in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance schedule '{name}' is already registered")
-        GUIDANCE_SCHEDULES[name] = schedule
-        register_choice("model.generator.guidance_schedule", name)
-        return schedule
-
-    return register
+    return lambda schedule: register_entry(GUIDANCE_SCHEDULES, "model.generator.guidance_schedule", "guidance schedule",
+                                           name, schedule)
 
 
 @register_guidance_schedule("cosine_power")

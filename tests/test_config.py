@@ -5,7 +5,8 @@ import typing
 
 import pytest
 
-from utils.config import DOMAINS, RELATIONS, ConfigError, config_from_cli, load_config, schema_types, validate
+from utils.config import (DOMAINS, REGISTERED_CHOICES, RELATIONS, ConfigError, config_from_cli, load_config,
+                          schema_types, validate)
 
 # The original RAR training config (configs/training/generator/rar.yaml of the RAR release), verbatim keys.
 ORIGINAL_RAR_YAML = """
@@ -267,3 +268,19 @@ def test_an_override_yaml_cannot_read_is_named():
         load_config("configs/rear_toy.yaml", ["training.seed=3", "experiment.output_dir={name}/run"])
     assert str(error.value) == ("command-line argument 'experiment.output_dir={name}/run' is not a value YAML can read "
                                 "(did not find expected <document start>); quote it: key='value'")
+
+
+def test_a_registry_name_is_taken_once_and_becomes_a_choice_of_its_key():
+    from modeling import BACKBONES
+    from modeling.backbones import register_backbone
+    from modeling.next_token import GUIDANCE_SCHEDULES, register_guidance_schedule
+    from modeling.tokenizers import register_tokenizer
+
+    with pytest.raises(ValueError, match="^backbone 'rar' is already registered$"):
+        register_backbone("rar")(object)
+    with pytest.raises(ValueError, match="^guidance schedule 'cosine_power' is already registered$"):
+        register_guidance_schedule("cosine_power")(len)
+    with pytest.raises(ValueError, match="^tokenizer 'toy' is already registered$"):
+        register_tokenizer("toy")(len)
+    assert BACKBONES["rar"].__name__ == "ReAR" and GUIDANCE_SCHEDULES["cosine_power"].__name__ == "cosine_power"
+    assert REGISTERED_CHOICES["model.vq_model.model_type"]["maskgitvq"] == "maskgit_vqgan"  # an alias, declared

@@ -427,6 +427,17 @@ def register_choice(key: str, name: str, canonical: Optional[str] = None) -> Non
     REGISTERED_CHOICES[key][name] = canonical or name
 
 
+def register_entry(table: Dict[str, Any], key: str, kind: str, name: str, entry: Any, aliases: Sequence[str] = ()):
+    """Put `entry` in the registry `table` under `name` (a `kind`, e.g. "backbone", registered once) and declare
+    `name` and its `aliases` allowed values of the config key `key`; returns `entry` (for decorators)."""
+    if name in table:
+        raise ValueError(f"{kind} '{name}' is already registered")
+    table[name] = entry
+    for alias in (name, *aliases):
+        register_choice(key, alias, canonical=name)
+    return entry
+
+
 def canonical_choice(config: DictConfig, key: str) -> str:
     """The registry name the value of `key` stands for (e.g. the original's alias 'maskgitvq' → 'maskgit_vqgan')."""
     value = OmegaConf.select(config, key)
@@ -878,6 +889,7 @@ __all__ = [
     "model_settings",
     "paths_for_folder",
     "register_choice",
+    "register_entry",
     "schema_fields",
     "schema_types",
     "split_cli",

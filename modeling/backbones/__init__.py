@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Type
 
-from utils.config import canonical_choice, register_choice
+from utils.config import canonical_choice, register_entry
 from utils.errors import ConfigError
 
 from ..generator import Generator
@@ -19,14 +19,7 @@ BACKBONES: Dict[str, Type[Generator]] = {}
 
 
 def register_backbone(name: str) -> Callable[[Type[Generator]], Type[Generator]]:
-    def register(cls: Type[Generator]) -> Type[Generator]:
-        if name in BACKBONES:
-            raise ValueError(f"backbone '{name}' is already registered")
-        BACKBONES[name] = cls
-        register_choice("model.generator.backbone", name)
-        return cls
-
-    return register
+    return lambda cls: register_entry(BACKBONES, "model.generator.backbone", "backbone", name, cls)
 
 
 register_backbone("rar")(ReAR)

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from modeling.sampler import to_uint8
-from utils.config import canonical_choice, register_choice
+from utils.config import canonical_choice, register_entry
 from utils.errors import ConfigError, MissingWeightsError
 from utils.weights import is_model_folder, load_checked, load_state_dict_file, resolve_weights
 
@@ -60,17 +60,13 @@ def register_tokenizer(name: str, *aliases: str, released: Optional[str] = None,
     `fitted`: without weights it is fitted on images at start-up, rather than random."""
 
     def register(builder: TokenizerBuilder) -> TokenizerBuilder:
-        if name in TOKENIZERS:
-            raise ValueError(f"tokenizer '{name}' is already registered")
-        TOKENIZERS[name] = builder
+        register_entry(TOKENIZERS, "model.vq_model.model_type", "tokenizer", name, builder, aliases)
         if released:
             RELEASED_WEIGHTS[name] = released
         if decodes_prefixes:
             PREFIX_TOKENIZERS.add(name)
         if fitted:
             FITTED_TOKENIZERS.add(name)
-        for key in (name, *aliases):
-            register_choice("model.vq_model.model_type", key, canonical=name)
         return builder
 
     return register
