@@ -108,6 +108,8 @@ def test_the_page_draws_what_the_demo_draws_and_says_what_is_wrong(toy_app, tmp_
 
     app = load_script("app")
     url, run = toy_app
+    assert os.path.isfile(app.CHROMIUM), (f"the browser test drives Debian's Chromium at {app.CHROMIUM}, which is "
+                                          "missing: apt-get install chromium (.ci/run installs it)")
     with app.chromium() as browser:
         page = browser.new_page(accept_downloads=True)
         page.goto(url)
